@@ -1,0 +1,85 @@
+# Two commands matter: `make run` (all notebooks on the built-in data) and `make test`.
+# Every target creates .venv and installs the system packages first when they are missing.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
+OUTPUTS ?= outputs
+PRESET ?= auto
+
+# Debian packages that hold the built-in data.
+APT_PACKAGES := fonts-noto-color-emoji fonts-symbola fonts-unifont dataset-fashion-mnist
+SYSDEP_FILES := /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf \
+                /usr/share/fonts/truetype/ancient-scripts/Symbola_hint.ttf \
+                /usr/share/fonts/opentype/unifont/unifont_upper.otf \
+                /usr/share/datasets/fashion-mnist
+
+.PHONY: env sysdeps run test test-unit test-notebooks test-gpu lab lint format benchmark clean
+
+env: sysdeps $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	@# Strip notebook outputs on commit (a git filter); harmless outside a git checkout.
+	@$(BIN)/nbstripout --install >/dev/null 2>&1 || true
+	@touch $(STAMP)
+
+sysdeps:
+	@missing=""; for f in $(SYSDEP_FILES); do [ -e "$$f" ] || missing="$$missing $$f"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "Missing system data:$$missing"; \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES); \
+	  elif command -v apt-get >/dev/null; then \
+	    echo "Install them with:  sudo apt-get install $(APT_PACKAGES)"; exit 1; \
+	  else \
+	    echo "This needs the Noto Color Emoji, Symbola and GNU Unifont fonts and Fashion-MNIST."; \
+	    echo "  Debian/Ubuntu: sudo apt-get install $(APT_PACKAGES)"; \
+	    echo "  Other systems: install those fonts and point UTILS_CV_FONT_DIR at them (see data/README.md)."; \
+	    exit 1; \
+	  fi; \
+	fi
+
+run: env
+	@mkdir -p $(OUTPUTS)
+	@for nb in $(NOTEBOOKS); do \
+	  name=$$(basename $$nb .ipynb); \
+	  echo "== $$name (PRESET=$(PRESET))"; mkdir -p $(OUTPUTS)/$$name; \
+	  $(BIN)/papermill --cwd notebooks $$nb $(OUTPUTS)/$$name/$$name.ipynb \
+	    -p PRESET $(PRESET) -p OUTPUT_DIR $(CURDIR)/$(OUTPUTS)/$$name || exit 1; \
+	done
+	@echo "Executed notebooks and metrics.json files are under $(OUTPUTS)/"
+
+lint: env
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: env
+	$(BIN)/nbstripout notebooks/*.ipynb
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+test: env lint
+	$(BIN)/python -m pytest
+
+test-unit: env
+	$(BIN)/python -m pytest tests/unit
+
+test-notebooks: env
+	$(BIN)/python -m pytest tests/notebooks
+
+test-gpu: env
+	$(BIN)/python -m pytest -m gpu tests/gpu
+
+benchmark: env
+	$(BIN)/python benchmarks/eval_speed.py
+
+lab: env
+	$(BIN)/jupyter lab notebooks/
+
+clean:
+	rm -rf $(OUTPUTS) .pytest_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""Device, seeding, downloads and results recording."""

@@ -1,0 +1,1 @@
+"""Image similarity: data, models, losses, training, metrics and plots."""
