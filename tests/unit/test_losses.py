@@ -1,0 +1,66 @@
+"""Loss modules, each against a reference computed by hand."""
+
+from __future__ import annotations
+
+import ast
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from utils_cv.similarity import losses
+from utils_cv.similarity.losses import SoftmaxLoss
+
+
+def test_softmax_loss_matches_cross_entropy_of_its_linear_layer():
+    torch.manual_seed(0)
+    loss = SoftmaxLoss(embedding_size=6, num_classes=4)
+    embeddings, labels = torch.randn(10, 6), torch.randint(0, 4, (10,))
+    weight, bias = loss.classifier.weight, loss.classifier.bias
+    expected = F.cross_entropy(embeddings @ weight.T + bias, labels)
+    torch.testing.assert_close(loss(embeddings, labels), expected)
+
+
+def test_softmax_loss_of_a_zero_classifier_is_log_num_classes():
+    loss = SoftmaxLoss(embedding_size=3, num_classes=5)
+    torch.nn.init.zeros_(loss.classifier.weight)
+    torch.nn.init.zeros_(loss.classifier.bias)
+    value = loss(torch.randn(7, 3), torch.randint(0, 5, (7,)))
+    assert value.item() == pytest.approx(math.log(5))
+
+
+def test_softmax_loss_trains_its_classifier_and_the_embeddings():
+    loss = SoftmaxLoss(embedding_size=4, num_classes=3)
+    embeddings = torch.randn(6, 4, requires_grad=True)
+    loss(embeddings, torch.tensor([0, 1, 2, 0, 1, 2])).backward()
+    for tensor in (embeddings, loss.classifier.weight, loss.classifier.bias):
+        assert tensor.grad is not None and tensor.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("bad_label", [-1, 3])
+def test_softmax_loss_refuses_labels_out_of_range(bad_label):
+    loss = SoftmaxLoss(embedding_size=4, num_classes=3)
+    with pytest.raises(ValueError, match=f"{bad_label}.*num_classes=3.*relabel"):
+        loss(torch.randn(2, 4), torch.tensor([0, bad_label]))
+
+
+def test_softmax_loss_refuses_embeddings_of_the_wrong_size():
+    with pytest.raises(ValueError, match=r"\(N, 4\)"):
+        SoftmaxLoss(embedding_size=4, num_classes=3)(torch.randn(2, 5), torch.tensor([0, 1]))
+
+
+def test_losses_module_can_be_copied_alone():
+    tree = ast.parse(Path(losses.__file__).read_text())
+    imported = {
+        alias.name.split(".")[0]
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import)
+        for alias in node.names
+    } | {
+        node.module.split(".")[0]
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.module
+    }
+    assert imported <= {"__future__", "torch"}, imported

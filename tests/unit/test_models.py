@@ -1,0 +1,159 @@
+"""Backbones, EmbeddingNet and embed()."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from utils_cv.common.device import set_seed
+from utils_cv.similarity.models import (
+    IMAGENET_MEAN,
+    EmbeddingNet,
+    create_backbone,
+    embed,
+)
+
+
+@pytest.mark.parametrize(
+    ("name", "size", "channels", "map_size"),
+    [("small_cnn", 40, 256, 5), ("resnet18", 32, 512, 1), ("resnet50", 32, 2048, 1)],
+)
+def test_backbone_maps_images_to_a_feature_map(name, size, channels, map_size):
+    backbone, reported = create_backbone(name)
+    backbone.eval()
+    with torch.no_grad():
+        out = backbone(torch.rand(2, 3, size, size))
+    assert reported == channels
+    assert out.shape == (2, channels, map_size, map_size)
+
+
+def test_resnet_backbone_drops_pooling_and_classifier():
+    backbone, _ = create_backbone("resnet18")
+    kinds = {type(module) for module in backbone.modules()}
+    assert nn.AdaptiveAvgPool2d not in kinds
+    assert nn.Linear not in kinds
+
+
+def test_backbone_errors_name_the_fix():
+    with pytest.raises(ValueError, match="resnet18"):
+        create_backbone("vgg16")
+    with pytest.raises(ValueError, match="weights=None"):
+        create_backbone("small_cnn", weights="DEFAULT")
+
+
+@pytest.mark.parametrize(
+    ("backbone", "embedding_size", "expected"),
+    [
+        ("small_cnn", None, 256),
+        ("small_cnn", 64, 64),
+        ("resnet18", 512, 512),
+        ("resnet18", 128, 128),
+    ],
+)
+def test_embedding_size_and_linear_only_when_sizes_differ(backbone, embedding_size, expected):
+    model = EmbeddingNet(backbone, embedding_size=embedding_size).eval()
+    with torch.no_grad():
+        out = model(torch.rand(3, 3, 32, 32))
+    assert out.shape == (3, expected)
+    assert model.embedding_size == expected
+    channels = 256 if backbone == "small_cnn" else 512
+    if expected == channels:
+        assert model.linear is None
+    else:
+        assert model.linear.weight.shape == (expected, channels)
+        assert model.linear.bias is None
+
+
+def test_output_is_l2_normalized_only_when_asked():
+    set_seed(0)
+    x = torch.rand(4, 3, 32, 32)
+    normalized = EmbeddingNet(embedding_size=16).eval()
+    raw = EmbeddingNet(embedding_size=16, normalize=False).eval()
+    raw.load_state_dict(normalized.state_dict())
+    with torch.no_grad():
+        unit, plain = normalized(x), raw(x)
+    torch.testing.assert_close(unit.norm(dim=1), torch.ones(4))
+    assert not torch.allclose(plain.norm(dim=1), torch.ones(4))
+    torch.testing.assert_close(unit, plain / plain.norm(dim=1, keepdim=True))
+
+
+def test_layer_norm_has_no_parameters_and_centres_each_embedding():
+    model = EmbeddingNet(layer_norm=True, normalize=False).eval()
+    assert list(model.layer_norm.parameters()) == []
+    x = torch.rand(5, 3, 32, 32)
+    with torch.no_grad():
+        out = model(x)
+        pooled = model.pool(model.features(x))
+    mean, var = pooled.mean(dim=1, keepdim=True), pooled.var(dim=1, unbiased=False, keepdim=True)
+    torch.testing.assert_close(out, (pooled - mean) / (var + 1e-5).sqrt())
+    torch.testing.assert_close(out.mean(dim=1), torch.zeros(5), atol=1e-5, rtol=0)
+
+
+def test_pooling_variants_on_a_known_map():
+    feature_map = torch.tensor([[[[1.0, 2.0], [3.0, 6.0]]]])  # (1, 1, 2, 2): mean 3, max 6
+    expected = {"avg": 3.0, "max": 6.0, "avgmax": 9.0}
+    for pooling, value in expected.items():
+        model = EmbeddingNet(pooling=pooling)
+        assert model.pool(feature_map).item() == value
+    with pytest.raises(ValueError, match="avgmax"):
+        EmbeddingNet(pooling="sum")
+
+
+def test_model_normalizes_its_input_with_constant_buffers():
+    model = EmbeddingNet()
+    model.backbone = nn.Identity()
+    mean_image = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1).expand(2, 3, 4, 4)
+    torch.testing.assert_close(model.features(mean_image), torch.zeros(2, 3, 4, 4))
+    assert "mean" not in model.state_dict() and "std" not in model.state_dict()
+
+
+def _hook_count(model: nn.Module) -> int:
+    return sum(
+        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
+        for m in model.modules()
+    )
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_embed_restores_mode_and_leaves_no_hooks(training):
+    model = EmbeddingNet(embedding_size=8).train(training)
+    hooks_before = _hook_count(model)
+    out = embed(model, torch.rand(5, 3, 16, 16))
+    assert model.training is training
+    assert all(m.training is training for m in model.modules())
+    assert _hook_count(model) == hooks_before == 0
+    assert not out.requires_grad
+
+
+def test_embed_uses_eval_mode_so_batches_do_not_interact():
+    set_seed(0)
+    model = EmbeddingNet(embedding_size=8).train()
+    images = torch.rand(7, 3, 16, 16)
+    # In train mode BatchNorm would use each batch's statistics and the split would matter.
+    torch.testing.assert_close(embed(model, images, batch_size=2), embed(model, images))
+
+
+def test_embed_accepts_uint8_and_float_alike():
+    set_seed(0)
+    model = EmbeddingNet(embedding_size=8)
+    images = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)
+    from_uint8 = embed(model, images)
+    from_float = embed(model, images.float() / 255)
+    assert from_uint8.dtype == torch.float32 and from_uint8.device.type == "cpu"
+    torch.testing.assert_close(from_uint8, from_float)
+
+
+def test_embed_normalize_flag_and_flattening_of_stateless_models():
+    images = torch.rand(3, 3, 4, 4)
+    raw = embed(nn.Identity(), images, normalize=False)
+    torch.testing.assert_close(raw, images.flatten(1))
+    unit = embed(nn.Identity(), images)
+    torch.testing.assert_close(unit, raw / raw.norm(dim=1, keepdim=True))
+
+
+def test_embed_rejects_bad_input():
+    with pytest.raises(ValueError, match="N > 0"):
+        embed(nn.Identity(), torch.rand(0, 3, 4, 4))
+    with pytest.raises(ValueError, match=r"\(N, 3, H, W\)"):
+        embed(nn.Identity(), torch.rand(3, 4, 4))

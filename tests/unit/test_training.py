@@ -1,0 +1,377 @@
+"""fastai glue: loader, parameter groups, validation by retrieval, best model, repeatability."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from fastai.callback.core import Callback
+from fastai.optimizer import SGD
+
+from utils_cv.common.device import set_seed
+from utils_cv.similarity import training
+from utils_cv.similarity.data import ImageData
+from utils_cv.similarity.losses import SoftmaxLoss
+from utils_cv.similarity.metrics import retrieval_metrics
+from utils_cv.similarity.models import EmbeddingNet, embed
+from utils_cv.similarity.training import (
+    DeviceDataLoader,
+    ModelWithLoss,
+    RetrievalCallback,
+    get_history,
+    load_checkpoint,
+    make_learner,
+    torch_optimizer,
+)
+
+NUM_CLASSES, PER_CLASS, SIZE = 8, 6, 16
+
+
+def stripes(seed: int, classes=range(NUM_CLASSES), per_class: int = PER_CLASS) -> ImageData:
+    """Stripes whose orientation and period give the class; random phase and colour do not.
+
+    The colour varies more than the stripes, so an untrained network finds few neighbours
+    of the same class, and a trained one finds them all.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    ys, xs = torch.meshgrid(torch.arange(SIZE), torch.arange(SIZE), indexing="ij")
+    images, labels = [], []
+    for label in classes:
+        angle = math.pi * (label % 4) / 4
+        period = 4 if label < 4 else 8
+        for _ in range(per_class):
+            phase = 2 * math.pi * torch.rand(1, generator=generator)
+            along = xs * math.cos(angle) + ys * math.sin(angle)
+            wave = torch.sin(2 * math.pi * along / period + phase)
+            image = 0.2 + 0.6 * torch.rand(3, 1, 1, generator=generator) + 0.2 * wave
+            images.append((255 * image.clamp(0, 1)).round().to(torch.uint8))
+            labels.append(label)
+    n = len(labels)
+    return ImageData(
+        images=torch.stack(images),
+        labels=torch.tensor(labels),
+        class_names=[f"class{i}" for i in range(NUM_CLASSES)],
+        splits=["train"] * n,
+        domains=[""] * n,
+        paths=[""] * n,
+    )
+
+
+def new_model(seed: int = 0) -> EmbeddingNet:
+    set_seed(seed)
+    return EmbeddingNet("small_cnn", embedding_size=32)
+
+
+def new_learner(model=None, train=None, **kwargs):
+    model = new_model() if model is None else model
+    train = stripes(0) if train is None else train
+    loss = SoftmaxLoss(model.embedding_size, train.num_classes)
+    kwargs.setdefault("batch_size", 16)
+    kwargs.setdefault("device", "cpu")
+    return make_learner(model, loss, train, **kwargs)
+
+
+def state_of(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: tensor.detach().clone() for name, tensor in module.state_dict().items()}
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+# --- loader -------------------------------------------------------------------------------
+
+
+def test_loader_batches_cover_the_data_once_per_pass():
+    data = stripes(0)
+    loader = DeviceDataLoader(data, batch_size=10, shuffle=True, seed=0)
+    assert len(loader) == 5
+    batches = list(loader)
+    assert [len(labels) for _, labels in batches] == [10, 10, 10, 10, 8]
+    images = torch.cat([images for images, _ in batches])
+    assert images.dtype == torch.float32 and 0 <= images.min() and images.max() <= 1
+    # Without augmentation every image comes out exactly once, as uint8 / 255.
+    expected = sorted(tuple(row.tolist()) for row in (data.images.float() / 255).flatten(1))
+    assert sorted(tuple(row.tolist()) for row in images.flatten(1)) == expected
+
+
+def test_loader_drops_the_last_batch_and_reshuffles_each_pass():
+    data = stripes(0)
+
+    def passes(loader, count=2):
+        return [torch.cat([labels for _, labels in loader]) for _ in range(count)]
+
+    loader = DeviceDataLoader(data, batch_size=10, shuffle=True, drop_last=True, seed=0)
+    assert len(loader) == 4 and len(list(loader)) == 4
+    again = DeviceDataLoader(data, batch_size=10, shuffle=True, drop_last=True, seed=0)
+    first, second = passes(again)
+    assert len(first) == 40 and not torch.equal(first, second)
+    repeat = DeviceDataLoader(data, batch_size=10, shuffle=True, drop_last=True, seed=0)
+    assert all(map(torch.equal, passes(repeat), (first, second)))
+
+
+def test_loader_augments_on_request():
+    data = stripes(0)
+    plain, _ = DeviceDataLoader(data, batch_size=8).one_batch()
+    augmented, _ = DeviceDataLoader(data, batch_size=8, augment=True).one_batch()
+    torch.testing.assert_close(plain, data.images[:8].float() / 255)
+    assert augmented.shape == plain.shape and not torch.allclose(augmented, plain)
+
+
+class TwoPerClassSampler:
+    """Four classes per batch, two images each: a tiny stand-in for a P x K sampler."""
+
+    def __init__(self, labels: torch.Tensor):
+        by_class = [torch.nonzero(labels == c).flatten().tolist() for c in range(NUM_CLASSES)]
+        self.batches = [
+            [i for c in classes for i in by_class[c][start : start + 2]]
+            for start in (0, 2, 4)
+            for classes in ((0, 1, 2, 3), (4, 5, 6, 7))
+        ]
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        return iter(self.batches)
+
+
+class RecordLabels(Callback):
+    def before_fit(self):
+        self.seen = []
+
+    def before_batch(self):
+        if self.training:
+            self.seen.append(self.learn.yb[0].tolist())
+
+
+def test_a_batch_sampler_decides_the_batches():
+    train = stripes(0)
+    sampler = TwoPerClassSampler(train.labels)
+    learn = new_learner(train=train, batch_sampler=sampler, augment=False)
+    assert len(learn.dls.train) == len(sampler) == 6
+    recorder = RecordLabels()
+    with learn.no_bar(), learn.no_logging():
+        learn.fit(1, cbs=recorder)
+    assert recorder.seen == [train.labels[batch].tolist() for batch in sampler.batches]
+
+
+def test_a_batch_sampler_needs_a_length():
+    with pytest.raises(TypeError, match="__len__"):
+        DeviceDataLoader(stripes(0), batch_sampler=iter([[0, 1]]))
+
+
+# --- learner ------------------------------------------------------------------------------
+
+
+class RecordStep(Callback):
+    """Parameters and gradients of the one optimizer step in a fit."""
+
+    def before_step(self):
+        self.before = [[p.detach().clone() for p in group] for group in self.opt.param_lists]
+        self.grads = [[p.grad.detach().clone() for p in group] for group in self.opt.param_lists]
+
+
+@pytest.mark.parametrize(
+    "opt_func", [SGD, torch_optimizer(torch.optim.SGD)], ids=["fastai_sgd", "torch_sgd"]
+)
+def test_one_step_updates_model_and_loss_each_at_its_own_rate(opt_func):
+    train = stripes(0)
+    one_batch = [list(range(16))]
+    learn = new_learner(train=train, batch_sampler=one_batch, opt_func=opt_func, augment=False)
+    model, loss = learn.model.model, learn.model.loss
+    groups = learn.splitter(learn.model)
+    assert [len(g) for g in groups] == [len(list(model.parameters())), 2]
+    assert all(p is q for p, q in zip(groups[1], loss.parameters(), strict=True))
+    rates = np.array([1e-3, 1e-1])
+    step = RecordStep()
+    with learn.no_bar(), learn.no_logging():
+        learn.fit(1, lr=rates, cbs=step)
+    assert [h["lr"] for h in learn.opt.hypers] == list(rates)
+    # Plain SGD without weight decay: every parameter moved by exactly -lr * grad.
+    for rate, before, grads, after in zip(rates, step.before, step.grads, groups, strict=True):
+        assert any(g.abs().sum() > 0 for g in grads)
+        for p0, g, p1 in zip(before, grads, after, strict=True):
+            torch.testing.assert_close(p1.detach(), p0 - rate * g)
+
+
+def test_lr_groups_set_the_default_rates_and_slice_follows_fastai():
+    learn = new_learner(lr_groups=(1e-3, 2e-2))
+    learn.create_opt()
+    assert [h["lr"] for h in learn.opt.hypers] == [1e-3, 2e-2]
+    learn.opt.set_hyper("lr", slice(1e-2))
+    assert [h["lr"] for h in learn.opt.hypers] == pytest.approx([1e-3, 1e-2])
+
+
+def test_freeze_trains_the_loss_parameters_only():
+    # A warm-up of the new parameters (NormSoftmax's recipe): fastai's freeze() keeps the
+    # last parameter group, the loss, trainable.
+    learn = new_learner(augment=False)
+    learn.freeze()
+    model_before, loss_before = state_of(learn.model.model), state_of(learn.model.loss)
+    with learn.no_bar(), learn.no_logging():
+        learn.fit(1, lr=1e-2)
+    convs = [
+        name for name in model_before if name.endswith("weight") and model_before[name].ndim == 4
+    ]
+    assert convs and all(
+        torch.equal(model_before[n], learn.model.model.state_dict()[n]) for n in convs
+    )
+    assert not torch.equal(loss_before["classifier.weight"], learn.model.loss.classifier.weight)
+
+
+def test_fastai_validation_loss_is_skipped_and_recall_is_shown():
+    learn = new_learner(val=stripes(1), ks=(1, 2))
+    with learn.no_bar():
+        learn.fit(2, lr=1e-2)
+    assert list(learn.recorder.metric_names) == [
+        "epoch",
+        "train_loss",
+        "val_recall@1",
+        "val_recall@2",
+        "time",
+    ]
+    assert len(learn.recorder.values) == 2
+    assert all(len(row) == 3 and np.isfinite(row).all() for row in learn.recorder.values)
+
+
+def test_without_val_the_table_holds_the_train_loss_only():
+    learn = new_learner()
+    with learn.no_bar():
+        learn.fit(2, lr=1e-2)
+    assert list(learn.recorder.metric_names) == ["epoch", "train_loss", "time"]
+    history = get_history(learn)
+    assert [entry["epoch"] for entry in history] == [0, 1]
+    assert all(np.isfinite(entry["train_loss"]) for entry in history)
+
+
+def test_training_raises_validation_recall():
+    # Validation here: new images of the training classes (fast and reliable on toy data);
+    # the notebooks validate on unseen classes the same way.
+    val = stripes(1)
+    model = new_model()
+    untrained = retrieval_metrics(embed(model, val.images), val.labels, ks=(1,))["recall@1"]
+    learn = new_learner(model=model, val=val, augment=False)
+    with learn.no_bar():
+        learn.fit_one_cycle(5, lr_max=1e-2)
+    history = get_history(learn)
+    assert [entry["epoch"] for entry in history] == list(range(5))
+    assert {"train_loss", "val_recall@1", "val_map@r", "val_r_precision"} <= history[-1].keys()
+    assert untrained < 0.5
+    assert learn.retrieval.best_score >= max(0.9, untrained + 0.4)
+    # The restored model scores what the callback recorded for its best epoch.
+    best = retrieval_metrics(embed(model, val.images), val.labels, ks=(1,))["recall@1"]
+    assert best == pytest.approx(learn.retrieval.best_score)
+
+
+class RecordStates(Callback):
+    order = RetrievalCallback.order + 1
+
+    def before_fit(self):
+        self.states = []
+
+    def after_validate(self):
+        self.states.append(state_of(self.learn.model))
+
+
+@pytest.mark.parametrize("to_file", [False, True])
+def test_the_best_epoch_is_restored_after_fit(tmp_path, monkeypatch, to_file):
+    scores = iter([0.5, 0.9, 0.2])
+
+    def fake_metrics(embeddings, labels, ks):
+        score = next(scores)
+        return {"recall@1": score, "map@r": score / 2, "r_precision": score, "num_queries": 48}
+
+    monkeypatch.setattr(training, "retrieval_metrics", fake_metrics)
+    path = tmp_path / "checkpoints" / "best.pth" if to_file else None
+    learn = new_learner(val=stripes(1), checkpoint_path=path)
+    states = RecordStates()
+    with learn.no_bar():
+        learn.fit(3, lr=1e-2, cbs=states)
+    assert learn.retrieval.best_epoch == 1 and learn.retrieval.best_score == 0.9
+    assert [entry["val_recall@1"] for entry in get_history(learn)] == [0.5, 0.9, 0.2]
+    assert_same_state(state_of(learn.model), states.states[1])
+    with pytest.raises(AssertionError):
+        assert_same_state(state_of(learn.model), states.states[2])
+    if to_file:
+        assert [p.name for p in path.parent.iterdir()] == ["best.pth"]  # no temporary files
+        model, loss = new_model(seed=1), SoftmaxLoss(32, NUM_CLASSES)
+        info = load_checkpoint(path, model, loss)
+        assert info["epoch"] == 1 and info["metrics"]["recall@1"] == 0.9
+        assert_same_state(state_of(ModelWithLoss(model, loss)), states.states[1])
+
+
+def test_history_and_best_model_carry_over_between_fits(monkeypatch):
+    scores = iter([0.3, 0.8, 0.6, 0.7])
+
+    def fake_metrics(embeddings, labels, ks):
+        return {"recall@1": next(scores)}
+
+    monkeypatch.setattr(training, "retrieval_metrics", fake_metrics)
+    learn = new_learner(val=stripes(1))
+    with learn.no_bar():
+        learn.fit(2, lr=1e-2)
+        learn.fit(2, lr=1e-2)
+    assert [entry["epoch"] for entry in get_history(learn)] == [0, 1, 2, 3]
+    assert learn.retrieval.best_epoch == 1
+
+
+def test_every_skips_epochs_but_evaluates_the_last():
+    learn = new_learner(val=stripes(1))
+    learn.retrieval.every = 2
+    with learn.no_bar():
+        learn.fit(3, lr=1e-2)
+    evaluated = ["val_recall@1" in entry for entry in get_history(learn)]
+    assert evaluated == [False, True, True]
+    assert math.isnan(learn.recorder.values[0][1])
+
+
+def test_seeded_cpu_runs_repeat_exactly():
+    def run():
+        learn = new_learner(model=new_model(seed=0), val=stripes(1), seed=0)
+        with learn.no_bar():
+            learn.fit(2, lr=1e-2)
+        return state_of(learn.model), get_history(learn)
+
+    (state_a, history_a), (state_b, history_b) = run(), run()
+    assert_same_state(state_a, state_b)
+    assert history_a == history_b
+
+
+def test_lr_find_runs_and_leaves_the_history_alone():
+    learn = new_learner(val=stripes(1))
+    with learn.no_bar():
+        suggestion = learn.lr_find(num_it=8, show_plot=False)
+    assert suggestion.valley > 0
+    assert learn.retrieval.history == []
+
+
+def test_make_learner_errors_name_the_fix():
+    train = stripes(0)
+    model = new_model()
+    with pytest.raises(ValueError, match="num_classes=train.num_classes"):
+        make_learner(model, SoftmaxLoss(32, 5), train, device="cpu")
+    with pytest.raises(ValueError, match="lower batch_size"):
+        new_learner(batch_size=64)
+    with pytest.raises(ValueError, match="needs a CUDA GPU"):
+        new_learner(mixed_precision="bf16")
+    with pytest.raises(ValueError, match="'auto'"):
+        new_learner(mixed_precision="half")
+    with pytest.raises(ValueError, match="needs val"):
+        new_learner(checkpoint_path="best.pth")
+
+
+def test_training_labels_are_made_contiguous():
+    # Classes 2, 5 and 7 only: the classifier has three outputs.
+    train = stripes(0, classes=(2, 5, 7))
+    model = new_model()
+    learn = make_learner(model, SoftmaxLoss(32, 3), train, batch_size=6, device="cpu")
+    _, labels = learn.dls.train.one_batch()
+    assert set(labels.tolist()) <= {0, 1, 2}
+    with learn.no_bar():
+        learn.fit(1)
+    assert np.isfinite(learn.recorder.values[0][0])

@@ -1,0 +1,183 @@
+"""Embedding models: a backbone, pooling, optional LayerNorm and linear layer, L2 norm.
+
+Models take float images (N, 3, H, W) in [0, 1] and normalize them inside, so data never
+needs a separate normalization step. ``embed`` turns any such model into embeddings for
+a whole image tensor.
+
+No pretrained weights can be downloaded in this project's environment, so the defaults
+train from scratch; torchvision's ``weights=`` (for example
+``torchvision.models.ResNet18_Weights.DEFAULT``) passes through for those who have them.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+BACKBONES = ("small_cnn", "resnet18", "resnet50")
+POOLINGS = ("avg", "max", "avgmax")
+# ImageNet statistics: the ones torchvision's pretrained weights expect.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def create_backbone(name: str, weights=None) -> tuple[nn.Module, int]:
+    """A network mapping images to a convolutional feature map.
+
+    Args:
+        name: "small_cnn" (four conv blocks, fast on two CPU cores at 32-48 px; no
+            pretrained weights), "resnet18" or "resnet50" (torchvision, without the final
+            pooling and classifier).
+        weights: passed to torchvision, e.g. ``ResNet50_Weights.DEFAULT``; None trains from
+            scratch.
+
+    Returns:
+        (backbone, channels): backbone maps (N, 3, H, W) to (N, channels, h, w).
+    """
+    if name == "small_cnn":
+        if weights is not None:
+            raise ValueError("small_cnn has no pretrained weights; pass weights=None")
+        return _small_cnn(), 256
+    if name in ("resnet18", "resnet50"):
+        resnet = getattr(torchvision.models, name)(weights=weights)
+        layers = [
+            module for child, module in resnet.named_children() if child not in ("avgpool", "fc")
+        ]
+        return nn.Sequential(*layers), resnet.fc.in_features
+    raise ValueError(f"backbone={name!r} is unknown; use one of {BACKBONES}")
+
+
+def _small_cnn() -> nn.Sequential:
+    """Four blocks of 3x3 conv, BatchNorm and ReLU; the first three halve the resolution."""
+    widths = (3, 32, 64, 128, 256)
+    layers: list[nn.Module] = []
+    for i, (c_in, c_out) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
+        layers += [
+            nn.Conv2d(c_in, c_out, kernel_size=3, padding=1, bias=False),
+            nn.BatchNorm2d(c_out),
+            nn.ReLU(inplace=True),
+        ]
+        if i < 3:
+            layers.append(nn.MaxPool2d(2))
+    return nn.Sequential(*layers)
+
+
+class EmbeddingNet(nn.Module):
+    """Backbone, global pooling, optional LayerNorm and linear layer, optional L2 norm.
+
+    Args:
+        backbone: a name accepted by ``create_backbone``.
+        embedding_size: output size D; None keeps the backbone's channel count C. A
+            bias-free linear layer maps C to D only when D differs from C.
+        pooling: "avg", "max", or "avgmax" (the sum of both, as in Proxy-Anchor's code).
+        layer_norm: LayerNorm without affine parameters right after pooling (NormSoftmax):
+            each pooled vector gets zero mean and unit variance.
+        normalize: L2-normalize the output, so that embeddings lie on the unit sphere.
+        weights: pretrained weights for the backbone, passed to torchvision.
+
+    Input: (N, 3, H, W) float in [0, 1]. Output: (N, D) float.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "small_cnn",
+        embedding_size: int | None = None,
+        pooling: str = "avg",
+        layer_norm: bool = False,
+        normalize: bool = True,
+        weights=None,
+    ):
+        super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling={pooling!r} is unknown; use one of {POOLINGS}")
+        self.backbone, channels = create_backbone(backbone, weights)
+        self.pooling = pooling
+        self.normalize = normalize
+        self.embedding_size = channels if embedding_size is None else embedding_size
+        self.layer_norm = nn.LayerNorm(channels, elementwise_affine=False) if layer_norm else None
+        self.linear = (
+            nn.Linear(channels, self.embedding_size, bias=False)
+            if self.embedding_size != channels
+            else None
+        )
+        # Constants, not weights: left out of the state dict.
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (N, 3, H, W) float in [0, 1] -> (N, C, h, w) convolutional feature map."""
+        return self.backbone((x - self.mean) / self.std)
+
+    def pool(self, feature_map: torch.Tensor) -> torch.Tensor:
+        """feature_map: (N, C, h, w) -> (N, C)."""
+        if self.pooling == "avg":
+            return feature_map.mean(dim=(2, 3))
+        if self.pooling == "max":
+            return feature_map.amax(dim=(2, 3))
+        return feature_map.mean(dim=(2, 3)) + feature_map.amax(dim=(2, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (N, 3, H, W) float in [0, 1] -> (N, D) embeddings."""
+        embeddings = self.pool(self.features(x))
+        if self.layer_norm is not None:
+            embeddings = self.layer_norm(embeddings)
+        if self.linear is not None:
+            embeddings = self.linear(embeddings)
+        if self.normalize:
+            embeddings = F.normalize(embeddings, dim=1)
+        return embeddings
+
+
+@torch.no_grad()
+def embed(
+    model: nn.Module,
+    images: torch.Tensor,
+    batch_size: int = 256,
+    device: torch.device | str | None = None,
+    normalize: bool = True,
+) -> torch.Tensor:
+    """Embeddings of many images, computed in batches in eval mode without gradients.
+
+    Args:
+        model: maps (B, 3, H, W) float in [0, 1] to (B, D), or to a larger tensor that is
+            flattened to (B, D) (for example a conv map or raw pixels).
+        images: (N, 3, H, W) uint8 (divided by 255 here) or float in [0, 1], on any device.
+        batch_size: images per forward pass.
+        device: where to compute; None uses the model's device. The model is moved there
+            for the call and moved back afterwards.
+        normalize: L2-normalize each embedding. Pass False to keep the model's raw outputs,
+            for example to binarize LayerNorm outputs at zero.
+
+    Returns:
+        (N, D) float32 on the CPU. The model's train/eval mode and device are restored.
+    """
+    if images.ndim != 4 or len(images) == 0:
+        raise ValueError(f"images must be (N, 3, H, W) with N > 0, got shape {tuple(images.shape)}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be at least 1")
+    model_device = _module_device(model)
+    device = model_device if device is None else torch.device(device)
+    was_training = model.training
+    model.to(device).eval()
+    try:
+        chunks = []
+        for start in range(0, len(images), batch_size):
+            batch = images[start : start + batch_size].to(device, non_blocking=True)
+            batch = batch.float() / 255 if batch.dtype == torch.uint8 else batch.float()
+            out = model(batch).flatten(1).float()
+            if normalize:
+                out = F.normalize(out, dim=1)
+            chunks.append(out.cpu())
+    finally:
+        model.to(model_device).train(was_training)
+    return torch.cat(chunks)
+
+
+def _module_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter or buffer; the CPU for a stateless model."""
+    tensor = next(itertools.chain(model.parameters(), model.buffers()), None)
+    return torch.device("cpu") if tensor is None else tensor.device

@@ -1,0 +1,488 @@
+"""fastai glue: train an embedding model with a metric-learning loss and keep the best model.
+
+fastai's ``Learner`` runs the training (schedules, lr finder, progress bars, mixed
+precision). Metric learning needs four things it does not provide:
+
+- data held in memory on the device and augmented per batch there (``DeviceDataLoader``);
+- one optimizer for the model *and* the loss, whose parameters (class weights, proxies)
+  get their own parameter group and learning rate (``ModelWithLoss``, ``model_loss_splitter``);
+- no classification loss on the validation set: validation classes are unseen classes,
+  so a classifier's loss on them means nothing (``SkipValidationLoop``);
+- retrieval measured on the validation classes each epoch, keeping the best model
+  (``RetrievalCallback``). Test classes are never used here.
+
+>>> learn = make_learner(model, SoftmaxLoss(model.embedding_size, train.num_classes),  # doctest: +SKIP
+...                      train, val=val)
+>>> learn.fit_one_cycle(10, lr_max=slice(3e-3))  # doctest: +SKIP
+
+Parameter groups are [model, loss]. ``slice(lr)`` gives the model lr / 10 and the loss lr
+(fastai's convention: the last group gets the largest rate); an array such as
+``np.array([1e-3, 1e-1])`` sets each group's rate explicitly.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from fastai.callback import progress, schedule  # noqa: F401  (progress bars, fit_one_cycle, lr_find)
+from fastai.callback.core import Callback, CancelValidException
+from fastai.callback.fp16 import MixedPrecision
+from fastai.data.core import DataLoaders
+from fastai.learner import Learner
+from fastai.optimizer import OptimWrapper
+from fastai.torch_core import params
+from fastcore.foundation import L
+from torch import nn
+
+from utils_cv.common.device import get_device
+from utils_cv.similarity.augment import augment_batch
+from utils_cv.similarity.metrics import retrieval_metrics
+from utils_cv.similarity.models import embed
+
+if TYPE_CHECKING:
+    from utils_cv.similarity.data import ImageData
+
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+
+
+class DeviceDataLoader:
+    """Batches of an in-memory ``ImageData``, made and augmented on its device.
+
+    Each batch is ``(images, labels)``: images (B, 3, H, W) float in [0, 1], labels (B,)
+    int64, both on ``device``. It serves as a fastai ``DataLoaders`` train or valid loader.
+
+    Args:
+        data: the images (uint8) and labels; copied to ``device`` once.
+        batch_size: images per batch when ``batch_sampler`` is None.
+        shuffle: a new random order every pass, drawn from a generator seeded with ``seed``.
+        drop_last: leave out the last incomplete batch (for training: BatchNorm and
+            class-balanced losses want full batches).
+        augment: False, True (strength 1) or a strength for ``augment_batch``.
+        batch_sampler: any iterable of index lists with a length, for example a
+            class-balanced sampler; it replaces ``batch_size``, ``shuffle`` and ``drop_last``.
+        device: None keeps the data where it is.
+        seed: seeds the order and the augmentations.
+    """
+
+    def __init__(
+        self,
+        data: ImageData,
+        batch_size: int = 64,
+        *,
+        shuffle: bool = False,
+        drop_last: bool = False,
+        augment: bool | float = False,
+        batch_sampler: Iterable[Sequence[int]] | None = None,
+        device: torch.device | str | None = None,
+        seed: int = 0,
+    ):
+        if batch_sampler is not None and not hasattr(batch_sampler, "__len__"):
+            raise TypeError(
+                f"batch_sampler {type(batch_sampler).__name__} has no len(); fastai needs the "
+                "number of batches per epoch, so give the sampler a __len__"
+            )
+        if batch_sampler is None and batch_size < 1:
+            raise ValueError(f"batch_size={batch_size} must be at least 1")
+        self.data = data if device is None else data.to(device)
+        self.device = self.data.images.device
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.strength = float(augment)
+        self.batch_sampler = batch_sampler
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        if self.batch_sampler is not None:
+            return len(self.batch_sampler)
+        if self.drop_last:
+            return len(self.data) // self.batch_size
+        return math.ceil(len(self.data) / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for index in self._batch_indices():
+            index = torch.as_tensor(index, dtype=torch.long).to(self.device)
+            images = self.data.images[index].float() / 255
+            if self.strength > 0:
+                images = augment_batch(images, self.generator, self.strength)
+            yield images, self.data.labels[index]
+
+    def _batch_indices(self) -> Iterator[Sequence[int] | torch.Tensor]:
+        if self.batch_sampler is not None:
+            yield from self.batch_sampler
+            return
+        n = len(self.data)
+        order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
+        for start in range(0, len(self) * self.batch_size, self.batch_size):
+            yield order[start : start + self.batch_size]
+
+    def one_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first batch of a pass (to look at, or for fastai's ``summary``)."""
+        return next(iter(self))
+
+    def to(self, device: torch.device | str) -> DeviceDataLoader:
+        """Move the data to ``device`` (fastai calls this when the ``DataLoaders`` move)."""
+        self.data = self.data.to(device)
+        self.device = self.data.images.device
+        return self
+
+
+class ModelWithLoss(nn.Module):
+    """The embedding model and the loss in one module, so fastai optimizes both.
+
+    ``forward(images)`` returns the model's embeddings; the Learner's ``loss_func`` is
+    ``self.loss``. The model object is the caller's, trained in place.
+    """
+
+    def __init__(self, model: nn.Module, loss: nn.Module):
+        super().__init__()
+        self.model = model
+        self.loss = loss
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images)
+
+
+def model_loss_splitter(module: ModelWithLoss) -> list[list[nn.Parameter]]:
+    """Two parameter groups, [model, loss], so the loss can have its own learning rate.
+
+    The loss group is empty for losses without parameters.
+    """
+    return [params(module.model), params(module.loss)]
+
+
+class SkipValidationLoop(Callback):
+    """Skip fastai's validation loop and its "valid_loss" column.
+
+    That loop would apply the training loss to the validation set, whose classes are not
+    among the training classes: a classifier's loss there is meaningless or an error.
+    ``RetrievalCallback`` measures retrieval on those classes instead.
+    """
+
+    order = -5  # after TrainEvalCallback (-10) sets eval mode, before the progress bars (60)
+
+    def before_fit(self):
+        self.learn.recorder.valid_metrics = False  # read by the Recorder (50) to name columns
+
+    def before_validate(self):
+        raise CancelValidException()
+
+
+class RetrievalCallback(Callback):
+    """Measure retrieval on the validation classes after each epoch; keep the best model.
+
+    After every ``every``-th epoch (and the last epoch of each fit) it embeds ``val`` with
+    ``embed`` and computes ``retrieval_metrics``. "val_recall@K" for each K in ``ks`` joins
+    fastai's progress table (NaN in epochs that are not evaluated). Recall@``ks[0]`` picks
+    the best model; after each fit the best weights (model and loss) are loaded back.
+    History and the best model carry over from one fit to the next, so a warm-up fit and the
+    main fit form one run.
+
+    Args:
+        val: validation images and labels (classes unseen in training).
+        every: evaluate every this many epochs.
+        ks: the K of Recall@K to show; the first one selects the best model.
+        checkpoint_path: where to save the best model (written atomically); None keeps it
+            in memory. Load it with ``load_checkpoint``.
+        batch_size: images per forward pass when embedding ``val``.
+
+    Attributes:
+        history: one dict per epoch: "epoch", "train_loss" (fastai's smoothed loss at the
+            end of the epoch), and on evaluated epochs "val_recall@K", "val_map@r",
+            "val_r_precision".
+        best_epoch, best_score: the epoch and score of the kept model (None, -inf before).
+    """
+
+    order = 55  # after the Recorder (50) names its columns, before the progress bars print them
+
+    def __init__(
+        self,
+        val: ImageData,
+        every: int = 1,
+        ks: Sequence[int] = (1,),
+        checkpoint_path: str | os.PathLike | None = None,
+        batch_size: int = 256,
+    ):
+        if every < 1:
+            raise ValueError(f"every={every} must be at least 1")
+        if not ks:
+            raise ValueError("ks is empty; pass at least one K, e.g. ks=(1,)")
+        self.val = val
+        self.every = every
+        self.ks = tuple(ks)
+        self.checkpoint_path = None if checkpoint_path is None else Path(checkpoint_path)
+        self.batch_size = batch_size
+        self.history: list[dict[str, float]] = []
+        self.best_epoch: int | None = None
+        self.best_score = -math.inf
+        self._best_state: dict | None = None
+        self._epochs_done = 0
+
+    def before_fit(self):
+        # The lr finder and get_preds run fits of their own: stay out of them.
+        self.run = not hasattr(self.learn, "lr_finder") and not hasattr(self.learn, "gather_preds")
+        if not self.run:
+            return
+        names = list(self.recorder.metric_names)
+        at = names.index("time") if "time" in names else len(names)
+        columns = [f"val_recall@{k}" for k in self.ks]
+        self.recorder.metric_names = L(names[:at] + columns + names[at:])
+
+    def after_validate(self):
+        epoch = self._epochs_done
+        entry = {"epoch": epoch, "train_loss": float(self.recorder.smooth_loss.value)}
+        due = (self.learn.epoch + 1) % self.every == 0 or self.learn.epoch == self.n_epoch - 1
+        if due:
+            scores = self._evaluate()
+            entry.update({f"val_{name}": value for name, value in scores.items()})
+            score = scores[f"recall@{self.ks[0]}"]
+            if score > self.best_score:
+                self.best_epoch, self.best_score = epoch, score
+                self._save_best(epoch, scores)
+        self.history.append(entry)
+        self.recorder.log += [entry.get(f"val_recall@{k}", math.nan) for k in self.ks]
+
+    def after_epoch(self):
+        self._epochs_done += 1
+
+    def after_fit(self):
+        if self.best_epoch is None:
+            return
+        model, loss = _model_and_loss(self.learn)
+        if self.checkpoint_path is None:
+            state = self._best_state
+        else:
+            state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        if loss is not None:
+            loss.load_state_dict(state["loss"])
+
+    def _evaluate(self) -> dict[str, float]:
+        model, _ = _model_and_loss(self.learn)
+        embeddings = embed(model, self.val.images, batch_size=self.batch_size)
+        scores = retrieval_metrics(embeddings, self.val.labels.cpu(), ks=self.ks)
+        # Counts ("num_queries", ...) are no scores: keep them out of the history and plots.
+        return {name: float(value) for name, value in scores.items() if not name.startswith("num_")}
+
+    def _save_best(self, epoch: int, scores: dict[str, float]):
+        model, loss = _model_and_loss(self.learn)
+        state = {
+            "model": _cpu_copy(model.state_dict()),
+            "loss": {} if loss is None else _cpu_copy(loss.state_dict()),
+            "epoch": epoch,
+            "metrics": scores,
+        }
+        if self.checkpoint_path is None:
+            self._best_state = state
+            return
+        self.checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
+        # Write next to the target, then rename: a crash never leaves half a checkpoint.
+        fd, tmp = tempfile.mkstemp(dir=self.checkpoint_path.parent, suffix=".tmp")
+        os.close(fd)
+        try:
+            torch.save(state, tmp)
+            os.replace(tmp, self.checkpoint_path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+
+
+def _model_and_loss(learn: Learner) -> tuple[nn.Module, nn.Module | None]:
+    """The embedding model and the loss module (None when the loss is a plain function)."""
+    if isinstance(learn.model, ModelWithLoss):
+        return learn.model.model, learn.model.loss
+    loss = learn.loss_func if isinstance(learn.loss_func, nn.Module) else None
+    return learn.model, loss
+
+
+def _cpu_copy(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name: tensor.detach().to("cpu", copy=True) for name, tensor in state.items()}
+
+
+def load_checkpoint(
+    path: str | os.PathLike, model: nn.Module, loss: nn.Module | None = None
+) -> dict:
+    """Load a checkpoint written by ``RetrievalCallback`` into ``model`` (and ``loss``).
+
+    Loads with ``weights_only=True``: tensors and plain values only, no code.
+
+    Returns:
+        {"epoch": int, "metrics": dict of the validation scores at that epoch}.
+    """
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict(state["model"])
+    if loss is not None:
+        loss.load_state_dict(state["loss"])
+    return {"epoch": state["epoch"], "metrics": state["metrics"]}
+
+
+def torch_optimizer(
+    optimizer: Callable[..., torch.optim.Optimizer] = torch.optim.AdamW, **defaults
+) -> Callable[..., OptimWrapper]:
+    """A fastai ``opt_func`` that runs a torch optimizer, fused into a few kernels on the GPU.
+
+    fastai's own optimizers update each parameter tensor in a Python loop. On an H200,
+    ResNet-18 at 64 px (batch 256, bf16) trained at about 12,000 images/s with fastai's Adam
+    and 20,000 to 24,000 with torch's fused AdamW, where a bare PyTorch loop with fused AdamW
+    made 24,000. Learning rates per group, slices, one-cycle schedules and ``freeze`` work
+    as with fastai's optimizers; unlike them, weight decay also applies to BatchNorm and
+    bias parameters.
+
+    >>> opt_func = torch_optimizer(torch.optim.SGD, momentum=0.9, weight_decay=1e-4)
+    """
+
+    def opt_func(param_groups: list[list[nn.Parameter]], lr) -> OptimWrapper:
+        on_gpu = all(p.is_cuda for group in param_groups for p in group)
+        fused = on_gpu and "fused" in inspect.signature(optimizer).parameters
+        # torch wants one float at construction; set_hyper then spreads arrays and slices.
+        wrapper = OptimWrapper(
+            param_groups, opt=optimizer, lr=1e-3, **({"fused": True} if fused else {}), **defaults
+        )
+        wrapper.set_hyper("lr", lr)
+        return wrapper
+
+    return opt_func
+
+
+# fastai's Adam defaults (betas 0.9 and 0.99, eps 1e-5, decoupled weight decay 0.01).
+adamw = torch_optimizer(torch.optim.AdamW, betas=(0.9, 0.99), eps=1e-5, weight_decay=0.01)
+
+
+def make_learner(
+    model: nn.Module,
+    loss: nn.Module,
+    train: ImageData,
+    *,
+    val: ImageData | None = None,
+    batch_size: int = 64,
+    batch_sampler: Iterable[Sequence[int]] | None = None,
+    augment: bool | float = True,
+    lr_groups: Sequence[float] | None = None,
+    mixed_precision: str = "auto",
+    checkpoint_path: str | os.PathLike | None = None,
+    seed: int = 0,
+    ks: Sequence[int] = (1,),
+    opt_func: Callable = adamw,
+    wd: float | None = None,
+    device: torch.device | str | None = None,
+) -> Learner:
+    """A fastai Learner that trains ``model`` with ``loss`` on ``train``.
+
+    Args:
+        model: maps (N, 3, H, W) float in [0, 1] to embeddings (N, D); trained in place.
+        loss: ``loss(embeddings, labels) -> scalar``; its parameters are trained too.
+        train: training images; relabeled to 0..C-1 here, so a classifier loss needs
+            ``num_classes=train.num_classes``.
+        val: validation images of classes unseen in training; adds a ``RetrievalCallback``
+            that reports "val_recall@K" each epoch and keeps the best model. None: no
+            validation, the final weights are kept.
+        batch_size: images per training batch (the last incomplete batch is dropped).
+        batch_sampler: index lists per batch (e.g. class-balanced); replaces batch_size.
+        augment: False, True or a strength for ``augment_batch`` (no horizontal flips).
+        lr_groups: default learning rates (model, loss), used when ``fit`` or
+            ``fit_one_cycle`` get no learning rate; None uses fastai's 1e-3 for both.
+        mixed_precision: "auto" (bf16 on GPUs that support it, else fp16; fp32 on the CPU),
+            "bf16", "fp16" (both need CUDA) or "fp32".
+        checkpoint_path: file for the best model (needs ``val``); None keeps it in memory.
+        seed: seeds batch order and augmentation (seed the model's initialization yourself
+            with ``set_seed`` before creating it).
+        ks: Recall@K shown each epoch; the first selects the best model.
+        opt_func, wd: optimizer and weight decay; the default is torch's AdamW (fused on the
+            GPU, see ``torch_optimizer``); fastai's optimizers (``fastai.optimizer.SGD``) work too.
+        device: where data and model live; None picks the GPU when there is one.
+
+    The Learner's parameter groups are [model, loss]; pass ``slice(lr)`` (model lr / 10)
+    or an array of two rates to ``fit_one_cycle`` to train them at different rates.
+    ``learn.model`` is a ``ModelWithLoss``; the history is ``get_history(learn)``.
+    """
+    device = get_device() if device is None else torch.device(device)
+    precision = _resolve_precision(mixed_precision, device)
+    if checkpoint_path is not None and val is None:
+        raise ValueError(
+            "checkpoint_path needs val: the best model is chosen on the validation classes"
+        )
+    train = train.relabel()
+    num_classes = getattr(loss, "num_classes", None)
+    if num_classes is not None and num_classes != train.num_classes:
+        raise ValueError(
+            f"the loss has num_classes={num_classes} but train has {train.num_classes} "
+            f"classes; create the loss with num_classes=train.num_classes"
+        )
+    if batch_sampler is None and len(train) < batch_size:
+        raise ValueError(
+            f"train has {len(train)} images but batch_size={batch_size} and incomplete "
+            "batches are dropped; lower batch_size"
+        )
+    if lr_groups is not None and len(lr_groups) != 2:
+        raise ValueError(f"lr_groups={lr_groups} must hold two rates: (model, loss)")
+    train_loader = DeviceDataLoader(
+        train,
+        batch_size,
+        shuffle=True,
+        drop_last=True,
+        augment=augment,
+        batch_sampler=batch_sampler,
+        device=device,
+        seed=seed,
+    )
+    # fastai wants a validation loader; it is never iterated (SkipValidationLoop).
+    valid_loader = DeviceDataLoader(train, batch_sampler=[], device=device)
+    learn = Learner(
+        DataLoaders(train_loader, valid_loader, device=device),
+        ModelWithLoss(model, loss).to(device),
+        loss_func=loss,
+        opt_func=opt_func,
+        lr=1e-3 if lr_groups is None else np.array(lr_groups, dtype=float),
+        splitter=model_loss_splitter,
+        wd=wd,
+        # fastai's scratch files (the lr finder's) go to a temporary folder, not the notebook's.
+        path=Path(tempfile.gettempdir()) / "utils_cv",
+        cbs=[SkipValidationLoop()],
+    )
+    if precision != "fp32":
+        learn.add_cb(MixedPrecision(amp_mode=precision))
+    if val is not None:
+        learn.add_cb(RetrievalCallback(val, ks=ks, checkpoint_path=checkpoint_path))
+    return learn
+
+
+def _resolve_precision(mixed_precision: str, device: torch.device) -> str:
+    if mixed_precision not in PRECISIONS:
+        raise ValueError(f"mixed_precision={mixed_precision!r} is unknown; use one of {PRECISIONS}")
+    if mixed_precision == "auto":
+        if device.type != "cuda":
+            return "fp32"
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if mixed_precision != "fp32" and device.type != "cuda":
+        raise ValueError(
+            f"mixed_precision={mixed_precision!r} needs a CUDA GPU but the device is "
+            f"{device}; use 'auto' or 'fp32'"
+        )
+    return mixed_precision
+
+
+def get_history(learn: Learner) -> list[dict[str, float]]:
+    """Per-epoch training loss and validation scores, for ``plot_training_curves``.
+
+    From the ``RetrievalCallback`` when there is one (all fits), else from fastai's
+    Recorder (the last fit; "train_loss" is fastai's smoothed loss at the end of the epoch).
+    """
+    for callback in learn.cbs:
+        if isinstance(callback, RetrievalCallback):
+            return [dict(entry) for entry in callback.history]
+    recorder = learn.recorder
+    if not hasattr(recorder, "values"):
+        return []
+    names = [name for name in recorder.metric_names[1:] if name != "time"]
+    return [
+        {"epoch": epoch, **dict(zip(names, values, strict=True))}
+        for epoch, values in enumerate(recorder.values)
+    ]
