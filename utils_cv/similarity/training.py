@@ -26,13 +26,19 @@ import inspect
 import math
 import os
 import tempfile
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from fastai.callback import progress, schedule  # noqa: F401  (progress bars, fit_one_cycle, lr_find)
+
+with warnings.catch_warnings():
+    # fastai's layers call torch.jit.script at import, which torch 2.10+ deprecates; the
+    # warning is fastai's to fix and would only confuse a learner reading the notebook.
+    warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
+    from fastai.callback import progress, schedule  # noqa: F401  (bars, fit_one_cycle, lr_find)
 from fastai.callback.core import Callback, CancelValidException
 from fastai.callback.fp16 import MixedPrecision
 from fastai.data.core import DataLoaders

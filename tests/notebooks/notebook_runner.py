@@ -1,0 +1,63 @@
+"""Execute a notebook with papermill after checking that every parameter passed exists."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import papermill
+
+ROOT = Path(__file__).resolve().parents[2]
+NOTEBOOK_DIR = ROOT / "notebooks"
+
+
+def notebook_path(name: str) -> Path:
+    return NOTEBOOK_DIR / f"{name}.ipynb"
+
+
+def run_notebook(name: str, output_dir: Path, **parameters) -> dict:
+    """Run ``notebooks/<name>.ipynb`` with ``parameters`` and return its metrics.json.
+
+    papermill silently ignores a parameter the notebook does not declare, which once let a
+    test run a notebook with its default (slow) settings unnoticed; so refuse that here.
+    """
+    path = notebook_path(name)
+    parameters = {"OUTPUT_DIR": str(output_dir), **parameters}
+    declared = papermill.inspect_notebook(str(path))
+    unknown = sorted(set(parameters) - set(declared))
+    assert not unknown, f"{name} has no parameter(s) {unknown}; it declares {sorted(declared)}"
+    papermill.execute_notebook(
+        str(path),
+        str(output_dir / f"{name}.ipynb"),
+        parameters=parameters,
+        cwd=str(NOTEBOOK_DIR),
+        kernel_name="python3",
+        progress_bar=False,
+    )
+    metrics_file = output_dir / "metrics.json"
+    assert metrics_file.exists(), f"{name} did not record {metrics_file}"
+    return json.loads(metrics_file.read_text())
+
+
+def flatten(metrics: dict, prefix: str = "") -> dict[str, float]:
+    """Nested metrics as ``{"a/b": value}`` for easy assertions."""
+    flat = {}
+    for key, value in metrics.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, prefix=f"{name}/"))
+        else:
+            flat[name] = value
+    return flat
+
+
+def assert_sane(metrics: dict) -> None:
+    """Every number finite; every recall, precision and NMI inside [0, 1]."""
+    for key, value in flatten(metrics).items():
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            continue
+        assert math.isfinite(value), f"{key} = {value} is not finite"
+        leaf = key.rsplit("/", 1)[-1]
+        if leaf.startswith(("recall@", "map@", "r_precision", "nmi", "accuracy")):
+            assert 0.0 <= value <= 1.0, f"{key} = {value} is outside [0, 1]"

@@ -1,0 +1,84 @@
+"""The repository's own rules: dependencies agree, notebooks are stored clean."""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+import tomllib
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+
+
+def _normalize(requirement: str) -> str:
+    return re.sub(r"\s+", "", requirement).lower()
+
+
+def _environment_pip_requirements() -> set[str]:
+    lines = (ROOT / "environment.yml").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.strip() == "- pip:")
+    requirements = set()
+    for line in lines[start + 1 :]:
+        stripped = line.strip()
+        if not stripped.startswith("- "):
+            if stripped and not stripped.startswith("#"):
+                break
+            continue
+        value = stripped[2:].strip()
+        if value != "-e .":
+            requirements.add(_normalize(value))
+    return requirements
+
+
+def test_environment_yml_mirrors_pyproject():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = {_normalize(r) for r in project["dependencies"]}
+    declared |= {_normalize(r) for r in project["optional-dependencies"]["dev"]}
+    in_conda = _environment_pip_requirements()
+    assert in_conda == declared, (
+        f"only in pyproject.toml: {sorted(declared - in_conda)}; "
+        f"only in environment.yml: {sorted(in_conda - declared)}"
+    )
+
+
+def test_there_are_notebooks():
+    assert NOTEBOOKS, "notebooks/ holds no numbered notebook"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_is_stored_clean(path):
+    notebook = json.loads(path.read_text())
+    assert notebook["metadata"]["kernelspec"]["name"] == "python3"
+    for cell in notebook["cells"]:
+        if cell["cell_type"] == "code":
+            assert not cell.get("outputs"), f"{path.name} is stored with outputs: run nbstripout"
+            assert cell.get("execution_count") is None, f"{path.name} has execution counts"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_parameters_cell_holds_plain_literals(path):
+    notebook = json.loads(path.read_text())
+    tagged = [
+        c
+        for c in notebook["cells"]
+        if c["cell_type"] == "code" and "parameters" in c.get("metadata", {}).get("tags", [])
+    ]
+    assert len(tagged) == 1, f"{path.name} needs exactly one cell tagged 'parameters'"
+    tree = ast.parse("".join(tagged[0]["source"]))
+    names = {}
+    for node in tree.body:
+        assert isinstance(node, ast.Assign), f"{path.name}: only assignments belong in parameters"
+        target = node.targets[0]
+        assert isinstance(target, ast.Name) and target.id.isupper(), ast.dump(target)
+        names[target.id] = ast.literal_eval(node.value)
+    assert names.get("PRESET") == "auto"
+    assert "OUTPUT_DIR" in names and "SEED" in names
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_is_in_readme_table(path):
+    assert f"notebooks/{path.name}" in (ROOT / "README.md").read_text()
