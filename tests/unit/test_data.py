@@ -293,3 +293,26 @@ def test_load_fashion_mnist_debian_copy():
     loaded = data.load_fashion_mnist()
     assert loaded.splits.count("train") == 60000 and loaded.splits.count("test") == 10000
     assert torch.bincount(loaded.labels).tolist() == [7000] * 10
+
+
+def test_example_queries_are_fixed_have_partners_and_match_the_domain():
+    from utils_cv.similarity.data import ImageData, example_queries
+
+    labels = torch.tensor([0, 0, 1, 2, 2, 3, 3, 3])
+    domains = ["a", "b", "a", "a", "b", "a", "b", "a"]
+    data = ImageData(
+        images=torch.zeros(8, 3, 4, 4, dtype=torch.uint8),
+        labels=labels,
+        class_names=["w", "x", "y", "z"],
+        splits=["test"] * 8,
+        domains=domains,
+        paths=[""] * 8,
+    )
+    chosen = example_queries(data, count=3, domain="a")
+    # Index 2 (class x) has no partner; only domain "a" images qualify.
+    assert len(set(chosen)) == 3 and set(chosen) <= {0, 3, 5, 7}
+    assert 2 not in chosen and all(domains[i] == "a" for i in chosen)
+    assert chosen == example_queries(data, count=3, domain="a")
+    assert example_queries(data, count=2, domain="a") == chosen[:2]
+    with pytest.raises(ValueError, match="count=9"):
+        example_queries(data, count=9, domain="a")

@@ -375,3 +375,30 @@ def test_training_labels_are_made_contiguous():
     with learn.no_bar():
         learn.fit(1)
     assert np.isfinite(learn.recorder.values[0][0])
+
+
+class CountingLoss(torch.nn.Module):
+    """Cross-entropy on the first two embedding dims that reports the batch's label mean."""
+
+    def forward(self, embeddings, labels):
+        self.stats = {"label_mean": labels.float().mean().item(), "constant": 2.0}
+        return torch.nn.functional.cross_entropy(embeddings[:, :NUM_CLASSES], labels)
+
+
+def test_loss_stats_are_averaged_per_epoch_and_merged_into_the_history():
+    set_seed(0)
+    data = stripes(0)
+    model = EmbeddingNet("small_cnn", embedding_size=16, normalize=False)
+    batches = [list(range(0, 12)), list(range(12, 24)), list(range(36, 48))]
+    learn = make_learner(
+        model, CountingLoss(), data, val=stripes(1), batch_sampler=batches, device="cpu"
+    )
+    assert any(isinstance(cb, training.LossStatsCallback) for cb in learn.cbs)
+    learn.fit(2, 1e-3)
+    history = get_history(learn)
+    assert [entry["epoch"] for entry in history] == [0, 1]
+    # Label means of the three batches: 0.5, 2.5, 6.5 -> 19/6 per epoch.
+    for entry in history:
+        assert entry["loss_label_mean"] == pytest.approx(19 / 6)
+        assert entry["loss_constant"] == 2.0
+        assert "val_recall@1" in entry

@@ -14,6 +14,7 @@ import hashlib
 import os
 import struct
 import warnings
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -174,6 +175,30 @@ def class_split(name: str, test_fraction: float = 0.5, val_fraction: float = 0.2
     if _unit_hash(name, "val") < val_fraction:
         return "val"
     return "train"
+
+
+def example_queries(data: ImageData, count: int = 4, domain: str | None = "openmoji") -> list[int]:
+    """Indices of ``count`` fixed example queries, the same in every notebook.
+
+    Candidates are the images of ``domain`` (None: any) whose class has at least one other
+    image, so each has a right answer; they are ordered by a stable hash of the class
+    name, so the choice depends neither on a model nor on the run. Rank plots of these
+    queries can be compared from one notebook to the next.
+    """
+    labels = data.labels.tolist()
+    class_sizes = Counter(labels)
+    candidates = [
+        i
+        for i, label in enumerate(labels)
+        if class_sizes[label] > 1 and (domain is None or data.domains[i] == domain)
+    ]
+    if len(candidates) < count:
+        raise ValueError(
+            f"only {len(candidates)} images of domain={domain!r} have a same-class partner "
+            f"but count={count}; lower count or pass domain=None"
+        )
+    candidates.sort(key=lambda i: (_unit_hash(data.class_names[labels[i]], "example"), i))
+    return candidates[:count]
 
 
 def _to_tensor(images: list[Image.Image]) -> torch.Tensor:

@@ -51,6 +51,17 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+# What a notebook changes or adds to the shared presets, by notebook and preset name.
+NOTEBOOK_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "01_triplet_baseline": {
+        "smoke": {"classes_per_batch": 8, "samples_per_class": 4, "margin": 0.2},
+        # Several trainings in one notebook: a shorter budget each keeps it to minutes.
+        "cpu": {"epochs": 15, "classes_per_batch": 16, "samples_per_class": 4, "margin": 0.2},
+        "gpu": {"classes_per_batch": 32, "samples_per_class": 4, "margin": 0.2},
+    },
+}
+
+
 def resolve_preset(preset: str) -> str:
     """Map ``"auto"`` to ``"gpu"`` or ``"cpu"``; check any other name exists."""
     if preset == "auto":
@@ -60,14 +71,16 @@ def resolve_preset(preset: str) -> str:
     return preset
 
 
-def preset_config(preset: str, **overrides: Any) -> dict[str, Any]:
-    """The preset's settings with every override that is not ``None`` applied.
+def preset_config(preset: str, notebook: str | None = None, **overrides: Any) -> dict[str, Any]:
+    """The preset's settings, the notebook's own (``NOTEBOOK_PRESETS``), then every
+    override that is not ``None``.
 
     >>> preset_config("smoke", epochs=3)["epochs"]
     3
     """
     name = resolve_preset(preset)
     config = copy.deepcopy(PRESETS[name])
+    config.update(copy.deepcopy(NOTEBOOK_PRESETS.get(notebook, {}).get(name, {})))
     unknown = sorted(set(overrides) - set(config))
     if unknown:
         raise ValueError(f"unknown preset setting(s) {unknown}; known: {sorted(config)}")

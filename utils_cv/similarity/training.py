@@ -182,6 +182,42 @@ class SkipValidationLoop(Callback):
         raise CancelValidException()
 
 
+class LossStatsCallback(Callback):
+    """Average a loss module's ``stats`` over each training epoch.
+
+    Losses such as ``TripletLoss`` keep statistics of their last batch in a ``stats`` dict
+    (the share of active triplets, mean positive and negative distances). fastai sees only
+    the loss value; this callback averages every numeric entry over the epoch's batches.
+
+    Attributes:
+        history: one dict per epoch: "epoch" and "loss_<name>" for each statistic.
+    """
+
+    order = 54  # before RetrievalCallback (55), so both count epochs the same way
+
+    def __init__(self):
+        self.history: list[dict[str, float]] = []
+        self._epochs_done = 0
+
+    def before_epoch(self):
+        self._sums: dict[str, float] = {}
+        self._batches = 0
+
+    def after_loss(self):
+        stats = getattr(self.learn.loss_func, "stats", None)
+        if not self.training or not stats:
+            return
+        for name, value in stats.items():
+            self._sums[name] = self._sums.get(name, 0.0) + float(value)
+        self._batches += 1
+
+    def after_epoch(self):
+        if self._batches:
+            means = {f"loss_{k}": v / self._batches for k, v in self._sums.items()}
+            self.history.append({"epoch": self._epochs_done, **means})
+        self._epochs_done += 1
+
+
 class RetrievalCallback(Callback):
     """Measure retrieval on the validation classes after each epoch; keep the best model.
 
@@ -455,6 +491,8 @@ def make_learner(
     )
     if precision != "fp32":
         learn.add_cb(MixedPrecision(amp_mode=precision))
+    # Does nothing for losses without a ``stats`` dict (SoftmaxLoss).
+    learn.add_cb(LossStatsCallback())
     if val is not None:
         learn.add_cb(RetrievalCallback(val, ks=ks, checkpoint_path=checkpoint_path))
     return learn
@@ -476,19 +514,27 @@ def _resolve_precision(mixed_precision: str, device: torch.device) -> str:
 
 
 def get_history(learn: Learner) -> list[dict[str, float]]:
-    """Per-epoch training loss and validation scores, for ``plot_training_curves``.
+    """Per-epoch training loss, loss statistics and validation scores, for plotting.
 
     From the ``RetrievalCallback`` when there is one (all fits), else from fastai's
     Recorder (the last fit; "train_loss" is fastai's smoothed loss at the end of the epoch).
+    A ``LossStatsCallback``'s per-epoch averages ("loss_active_fraction", ...) are merged in
+    by epoch.
     """
+    history = None
     for callback in learn.cbs:
         if isinstance(callback, RetrievalCallback):
-            return [dict(entry) for entry in callback.history]
-    recorder = learn.recorder
-    if not hasattr(recorder, "values"):
-        return []
-    names = [name for name in recorder.metric_names[1:] if name != "time"]
-    return [
-        {"epoch": epoch, **dict(zip(names, values, strict=True))}
-        for epoch, values in enumerate(recorder.values)
-    ]
+            history = [dict(entry) for entry in callback.history]
+    if history is None:
+        recorder = learn.recorder
+        names = [name for name in recorder.metric_names[1:] if name != "time"]
+        history = [
+            {"epoch": epoch, **dict(zip(names, values, strict=True))}
+            for epoch, values in enumerate(getattr(recorder, "values", []))
+        ]
+    for callback in learn.cbs:
+        if isinstance(callback, LossStatsCallback):
+            by_epoch = {entry["epoch"]: entry for entry in callback.history}
+            for entry in history:
+                entry.update(by_epoch.get(entry["epoch"], {}))
+    return history

@@ -1,0 +1,47 @@
+"""Presets: name resolution, overrides and per-notebook settings."""
+
+import pytest
+import torch
+
+from utils_cv.similarity.presets import NOTEBOOK_PRESETS, PRESETS, preset_config, resolve_preset
+
+
+def test_auto_resolves_by_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_preset("auto") == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_preset("auto") == "gpu"
+
+
+def test_unknown_preset_names_the_choices():
+    with pytest.raises(ValueError, match="PRESET='fast' is unknown.*'cpu'"):
+        resolve_preset("fast")
+
+
+def test_overrides_apply_unless_none_and_unknown_ones_are_refused():
+    config = preset_config("cpu", epochs=3, lr=None)
+    assert config["epochs"] == 3
+    assert config["lr"] == PRESETS["cpu"]["lr"]
+    assert config["preset"] == "cpu"
+    with pytest.raises(ValueError, match="unknown preset setting"):
+        preset_config("cpu", epoch=3)
+
+
+def test_notebook_settings_layer_between_preset_and_overrides():
+    own = NOTEBOOK_PRESETS["01_triplet_baseline"]
+    config = preset_config("cpu", notebook="01_triplet_baseline")
+    assert config["epochs"] == own["cpu"]["epochs"] != PRESETS["cpu"]["epochs"]
+    assert preset_config("cpu", notebook="01_triplet_baseline", margin=0.5)["margin"] == 0.5
+    # The shared presets are not modified by a notebook's settings.
+    assert "margin" not in preset_config("cpu")
+
+
+@pytest.mark.parametrize("notebook", sorted(NOTEBOOK_PRESETS))
+def test_a_notebook_adds_the_same_settings_to_every_preset(notebook):
+    # Otherwise a parameter that works with one preset would be refused with another.
+    added = {
+        name: set(values) - set(PRESETS[name])
+        for name, values in NOTEBOOK_PRESETS[notebook].items()
+    }
+    assert set(added) == set(PRESETS)
+    assert len({frozenset(keys) for keys in added.values()}) == 1
