@@ -25,3 +25,15 @@ def test_quickstart_gpu(tmp_path):
     assert trained > metrics["raw_pixels"]["recall@1"] + 0.05
     assert trained > metrics["untrained"]["recall@1"] + 0.05
     assert trained >= 0.20  # measured 0.318 on an H200 (seed 0); raw pixels 0.108
+
+
+def test_triplet_baseline_gpu(tmp_path):
+    metrics = run_notebook("01_triplet_baseline", tmp_path, PRESET="gpu")
+    assert_sane(metrics)
+    assert metrics["preset"] == "gpu" and len(metrics["seeds"]) >= 3
+    # The notebook claims only what every run should show: some mining strategy learns an
+    # embedding well above raw pixels (0.108 with the GPU preset in 00_quickstart), and the
+    # seed spread is reported. Not yet run on a GPU: calibrate when it is.
+    best = max(metrics["methods"][m]["recall@1"] for m in ("batch_all", "semi_hard", "batch_hard"))
+    assert best > 0.16
+    assert "recall@1_std" in metrics["methods"]["batch_all"]

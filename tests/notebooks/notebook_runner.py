@@ -59,5 +59,7 @@ def assert_sane(metrics: dict) -> None:
             continue
         assert math.isfinite(value), f"{key} = {value} is not finite"
         leaf = key.rsplit("/", 1)[-1]
-        if leaf.startswith(("recall@", "map@", "r_precision", "nmi", "accuracy")):
+        if leaf.startswith(("recall@", "map@", "r_precision", "nmi", "accuracy")) or (
+            "active_fraction" in leaf
+        ):
             assert 0.0 <= value <= 1.0, f"{key} = {value} is outside [0, 1]"

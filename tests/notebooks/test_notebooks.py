@@ -23,6 +23,24 @@ EXPECTED_KEYS = {
         "training/final_train_loss",
         "training/best_val_recall@1",
     ],
+    "01_triplet_baseline": [
+        "preset",
+        "methods/softmax/recall@1",
+        "methods/batch_all/recall@1",
+        "methods/semi_hard/recall@1",
+        "methods/batch_hard/recall@1",
+        "methods/batch_hard/map@r",
+        "methods/batch_hard/r_precision",
+        "collapse/batch_hard/mean_test_distance",
+        "collapse/batch_hard/final_active_share",
+        "collapse/batch_hard_soft/recall@1",
+        "collapse/batch_all_then_hard/mean_test_distance",
+        "margin_sweep/0.05/recall@1",
+        "margin_sweep/0.5/recall@1",
+        "history/batch_all/final_active_fraction",
+        "history/batch_hard/final_train_loss",
+        "best_on_validation",
+    ],
 }
 
 

@@ -402,3 +402,20 @@ def test_loss_stats_are_averaged_per_epoch_and_merged_into_the_history():
         assert entry["loss_label_mean"] == pytest.approx(19 / 6)
         assert entry["loss_constant"] == 2.0
         assert "val_recall@1" in entry
+
+
+def test_replace_loss_swaps_the_loss_fastai_calls_and_the_one_saved():
+    set_seed(0)
+    data = stripes(0)
+    model = EmbeddingNet("small_cnn", embedding_size=16, normalize=False)
+    learn = make_learner(
+        model, SoftmaxLoss(16, NUM_CLASSES), data, val=stripes(1), batch_size=16, device="cpu"
+    )
+    learn.fit(1, 1e-3)
+    counting = CountingLoss()
+    training.replace_loss(learn, counting)
+    assert learn.loss_func is counting and learn.model.loss is counting
+    learn.fit(1, 1e-3)
+    history = get_history(learn)
+    assert [entry["epoch"] for entry in history] == [0, 1]
+    assert "loss_label_mean" not in history[0] and "loss_label_mean" in history[1]

@@ -56,7 +56,7 @@ NOTEBOOK_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "01_triplet_baseline": {
         "smoke": {"classes_per_batch": 8, "samples_per_class": 4, "margin": 0.2},
         # Several trainings in one notebook: a shorter budget each keeps it to minutes.
-        "cpu": {"epochs": 15, "classes_per_batch": 16, "samples_per_class": 4, "margin": 0.2},
+        "cpu": {"epochs": 25, "classes_per_batch": 16, "samples_per_class": 4, "margin": 0.2},
         "gpu": {"classes_per_batch": 32, "samples_per_class": 4, "margin": 0.2},
     },
 }

@@ -498,6 +498,20 @@ def make_learner(
     return learn
 
 
+def replace_loss(learn: Learner, loss: nn.Module) -> None:
+    """Train on with another loss, e.g. batch-hard after a batch-all warm-up.
+
+    Swaps both the Learner's ``loss_func`` and the loss inside its ``ModelWithLoss`` (whose
+    state is what the checkpoints save). Call it between fits. A loss with parameters also
+    needs ``learn.create_opt()`` so the optimizer sees them. The ``RetrievalCallback``'s
+    history and best model carry on across the swap.
+    """
+    if not isinstance(learn.model, ModelWithLoss):
+        raise TypeError("replace_loss needs a Learner made by make_learner")
+    learn.model.loss = loss.to(next(learn.model.model.parameters()).device)
+    learn.loss_func = loss
+
+
 def _resolve_precision(mixed_precision: str, device: torch.device) -> str:
     if mixed_precision not in PRECISIONS:
         raise ValueError(f"mixed_precision={mixed_precision!r} is unknown; use one of {PRECISIONS}")
