@@ -98,6 +98,37 @@ def test_query_itself_excluded_by_index_not_by_distance():
     assert indices[:, 0].tolist() == [0, 1, 2]
 
 
+@pytest.mark.parametrize("chunk_size", [None, 1, 7])
+def test_ties_come_in_reference_order_whatever_k(chunk_size):
+    # torch.topk alone orders equal distances differently for different k.
+    query = torch.zeros(3, 2)
+    reference = torch.tensor([[3.0, 0.0]] + [[1.0, 0.0]] * 40 + [[0.0, 0.5]])
+    for k in (1, 3, 8, 30):
+        distances, indices = nearest_neighbors(query, reference, k=k, chunk_size=chunk_size)
+        assert indices[0].tolist() == [41, *range(1, k)]
+        assert distances[0].tolist() == pytest.approx([0.5] + [1.0] * (k - 1))
+    # Ties inside the k kept but not at the k-th place.
+    reference = torch.tensor([[5.0, 0.0]] + [[1.0, 0.0]] * 12 + [[2.0, 0.0], [3.0, 0.0]])
+    _, indices = nearest_neighbors(query, reference, k=14, chunk_size=chunk_size)
+    assert indices[0].tolist() == [*range(1, 13), 13, 14]
+
+
+def test_metrics_with_ties_do_not_depend_on_the_other_ks():
+    # 100 identical embeddings in 50 classes of two: every neighbour is tied, and reference
+    # order decides. Rows 0 and 1 find each other first; every other row's first neighbours
+    # are rows 0, 1, 2, ..., so row i finds its partner within 8 only for i < 8.
+    x = torch.ones(100, 4)
+    labels = torch.arange(100) // 2
+    expected = {"recall@1": 0.02, "recall@2": 0.02, "recall@4": 0.04, "recall@8": 0.08}
+    for ks in [(1,), (1, 2, 4, 8), (1, 50)]:
+        for chunk_size in (None, 3):
+            metrics = retrieval_metrics(x, labels, ks=ks, chunk_size=chunk_size)
+            for k in ks:
+                if f"recall@{k}" in expected:
+                    assert metrics[f"recall@{k}"] == pytest.approx(expected[f"recall@{k}"])
+            assert metrics["map@r"] == pytest.approx(0.02)
+
+
 @pytest.mark.parametrize(
     ("metric", "unit"),
     [("euclidean", False), ("squared_euclidean", False), ("euclidean", True), ("cosine", True)],

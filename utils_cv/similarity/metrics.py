@@ -158,8 +158,35 @@ def _neighbor_chunks(
             # By index, not by distance 0: a duplicate of the query is a genuine neighbour.
             rows = torch.arange(len(chunk), device=device)
             scores[rows, self_index[start : start + len(chunk)].to(device)] = torch.inf
-        values, indices = torch.topk(scores, k, dim=1, largest=False)
+        values, indices = _smallest(scores, k)
         yield start, _scores_to_distances(values, chunk, metric), indices
+
+
+def _smallest(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k smallest scores of each row and their columns, ordered by (score, column).
+
+    `torch.topk` alone breaks ties in an order that changes with k, so Recall@1 would depend
+    on which other K were asked for. Here equal scores come in column order, and a tie that
+    straddles the k-th place keeps its lowest columns. Rows without ties cost nothing extra.
+    """
+    extra = int(k < scores.shape[1])  # one more to see whether a tie straddles the k-th place
+    values, indices = torch.topk(scores, k + extra, dim=1, largest=False)
+    straddles = values[:, -1] == values[:, -2] if extra and k > 0 else None
+    values, indices = values[:, :k], indices[:, :k]
+    tied = (values[:, 1:] == values[:, :-1]).any(dim=1)
+    if tied.any():
+        # One sort by (run of equal values, column); the values are already in order.
+        rows = tied.nonzero().flatten()
+        row_values, row_indices = values[rows], indices[rows]
+        run = torch.zeros_like(row_indices)
+        run[:, 1:] = (row_values[:, 1:] != row_values[:, :-1]).cumsum(dim=1)
+        order = (run * scores.shape[1] + row_indices).argsort(dim=1)
+        values[rows], indices[rows] = row_values.gather(1, order), row_indices.gather(1, order)
+    if straddles is not None and straddles.any():
+        rows = straddles.nonzero().flatten()
+        row_values, row_indices = torch.sort(scores[rows], dim=1, stable=True)
+        values[rows], indices[rows] = row_values[:, :k], row_indices[:, :k]
+    return values, indices
 
 
 def nearest_neighbors(
@@ -189,7 +216,8 @@ def nearest_neighbors(
     `compute_distances`: squared distances carry an absolute error of about
     1e-7 * (||q||^2 + ||r||^2), so references closer to each other than that may swap ranks.
     faiss, behind pytorch-metric-learning, has the same property. Ties (equal distances, e.g.
-    duplicate references) come in the order `torch.topk` returns them, which is unspecified.
+    duplicate references) come in reference order, whatever k and the chunking, so a metric
+    does not change with the other K asked for.
     """
     _check_metric(metric)
     query = _as_embeddings(query, "query")
