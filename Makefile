@@ -49,6 +49,7 @@ run: env
 	@for nb in $(NOTEBOOKS); do \
 	  name=$$(basename $$nb .ipynb); \
 	  echo "== $$name (PRESET=$(PRESET))"; mkdir -p $(OUTPUTS)/$$name; \
+	  rm -f $(OUTPUTS)/$$name/metrics.json; \
 	  $(BIN)/papermill --cwd notebooks $$nb $(OUTPUTS)/$$name/$$name.ipynb \
 	    -p PRESET $(PRESET) -p OUTPUT_DIR $(CURDIR)/$(OUTPUTS)/$$name || exit 1; \
 	done
