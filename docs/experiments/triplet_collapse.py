@@ -1,0 +1,126 @@
+"""Does any standard cure stop batch-hard triplet training from shrinking the embedding?
+
+A study behind notebook 01's collapse section and docs/triplet_collapse.md, not a test:
+every variant trains the CPU preset's model (small_cnn, 40 px, 128-d unit vectors,
+16 classes x 4 images, margin 0.2, 25 epochs of AdamW one-cycle, seed 0) on the emoji
+training classes, keeps the best epoch on the validation classes, and reports on the test
+classes Recall@1, the mean distance between test embeddings, and Recall@1 after rounding
+the embeddings to bfloat16 (what mixed-precision training and half-precision indexes do).
+
+    python docs/experiments/triplet_collapse.py                 # all variants, ~20 min on 2 cores
+    python docs/experiments/triplet_collapse.py --only lr_1e-3  # one of them
+
+Seeded CPU runs repeat exactly; the numbers in docs/triplet_collapse.md come from this file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from utils_cv.common.device import set_seed
+from utils_cv.similarity.data import load_emoji
+from utils_cv.similarity.losses import TripletLoss
+from utils_cv.similarity.metrics import retrieval_metrics
+from utils_cv.similarity.models import EmbeddingNet, embed
+from utils_cv.similarity.samplers import ClassBalancedBatchSampler
+from utils_cv.similarity.training import get_history, make_learner, replace_loss
+
+EPOCHS, LR, MARGIN = 25, 1e-2, 0.2
+
+# name -> settings; anything left out is the notebook's batch-hard run.
+VARIANTS: dict[str, dict] = {
+    "batch_hard": {},
+    "soft_margin": {"soft_margin": True},
+    "batch_all_warmup": {"warmup_epochs": 8},
+    "lr_1e-3": {"lr": 1e-3},
+    "lr_3e-4": {"lr": 3e-4},
+    "lr_1e-4": {"lr": 1e-4},
+    "soft_margin_lr_1e-3": {"soft_margin": True, "lr": 1e-3},
+    "batch_all_warmup_then_lr_1e-3": {"warmup_epochs": 8, "lr": 1e-3},
+    "no_weight_decay": {"wd": 0.0},
+    "layer_norm": {"layer_norm": True},
+    "reference_batch_all": {"mining": "batch_all"},
+    "reference_semi_hard": {"mining": "semi_hard"},
+}
+
+
+def run(name: str, data_dir: str) -> dict:
+    settings = VARIANTS[name]
+    lr = settings.get("lr", LR)
+    data = load_emoji(data_dir, image_size=40)
+    train, val, test = data.split("train").relabel(), data.split("val"), data.split("test")
+    set_seed(0)
+    model = EmbeddingNet(
+        "small_cnn", embedding_size=128, layer_norm=settings.get("layer_norm", False)
+    )
+    loss = TripletLoss(
+        MARGIN,
+        mining=settings.get("mining", "batch_hard"),
+        soft_margin=settings.get("soft_margin", False),
+    )
+    warmup_epochs = settings.get("warmup_epochs", 0)
+    first_loss = TripletLoss(MARGIN, mining="batch_all") if warmup_epochs else loss
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the sampler's note on classes with < 4 images
+        sampler = ClassBalancedBatchSampler(train.labels, 16, 4, seed=0)
+    extra = {"wd": settings["wd"]} if "wd" in settings else {}
+    learn = make_learner(
+        model, first_loss, train, val=val, batch_size=64, batch_sampler=sampler, seed=0, **extra
+    )
+    start = time.perf_counter()
+    with learn.no_bar(), learn.no_logging():
+        if warmup_epochs:
+            # the warm-up keeps the notebook's learning rate; batch-hard then gets `lr`
+            learn.fit_one_cycle(warmup_epochs, LR)
+            replace_loss(learn, loss)
+        learn.fit_one_cycle(EPOCHS - warmup_epochs, lr)
+    seconds = time.perf_counter() - start
+    history = get_history(learn)
+    embeddings = embed(model, test.images)
+
+    def recall_at_1(x: torch.Tensor) -> float:
+        return retrieval_metrics(x, test.labels, ks=(1,))["recall@1"]
+
+    return {
+        "variant": name,
+        **settings,
+        "recall@1": round(recall_at_1(embeddings), 3),
+        "recall@1_bf16": round(recall_at_1(embeddings.bfloat16().float()), 3),
+        "mean_test_distance": round(torch.pdist(embeddings[:500]).mean().item(), 4),
+        "best_val_recall@1": round(max(h["val_recall@1"] for h in history), 3),
+        "final_train_loss": round(history[-1]["train_loss"], 3),
+        "train_loss_by_epoch": [round(h["train_loss"], 3) for h in history],
+        "mean_pos_distance_by_epoch": [round(h["loss_mean_pos_distance"], 3) for h in history],
+        "seconds": round(seconds),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", choices=sorted(VARIANTS), action="append")
+    parser.add_argument("--data-dir", default=str(Path(__file__).parents[2] / "data" / "emoji"))
+    parser.add_argument("--json", help="also write the results here (one JSON object per line)")
+    args = parser.parse_args()
+    rows = []
+    for name in args.only or VARIANTS:
+        rows.append(run(name, args.data_dir))
+        print(json.dumps(rows[-1]), flush=True)
+        if args.json:
+            Path(args.json).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    print("\n| variant | R@1 | R@1 (bf16) | mean test distance | final loss |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['variant']} | {r['recall@1']:.3f} | {r['recall@1_bf16']:.3f} | "
+            f"{r['mean_test_distance']:.4f} | {r['final_train_loss']:.3f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
