@@ -7,7 +7,7 @@ training classes, keeps the best epoch on the validation classes, and reports on
 classes Recall@1, the mean distance between test embeddings, and Recall@1 after rounding
 the embeddings to bfloat16 (what mixed-precision training and half-precision indexes do).
 
-    python docs/experiments/triplet_collapse.py                 # all variants, ~20 min on 2 cores
+    python docs/experiments/triplet_collapse.py                 # all variants, ~25 min on 2 cores
     python docs/experiments/triplet_collapse.py --only lr_1e-3  # one of them
 
 Seeded CPU runs repeat exactly; the numbers in docs/triplet_collapse.md come from this file.
