@@ -45,3 +45,30 @@ def test_a_notebook_adds_the_same_settings_to_every_preset(notebook):
     }
     assert set(added) == set(PRESETS)
     assert len({frozenset(keys) for keys in added.values()}) == 1
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (
+            {"seeds": "[0, 1, 2]"},
+            r"SEEDS='\[0, 1, 2\]' must be a non-empty list of integers.*-y 'SEEDS: \[0\]'",
+        ),
+        ({"seeds": []}, "SEEDS=\\[\\] must be a non-empty list of integers"),
+        ({"seeds": [0.5]}, "must be a non-empty list of integers"),
+        ({"epochs": 2.5}, "EPOCHS=2.5 must be an integer"),
+        ({"epochs": True}, "EPOCHS=True must be an integer"),
+        ({"lr": "1e-3"}, "LR='1e-3' must be a number.*-y 'LR: 0.01'"),
+        ({"backbone": 18}, "BACKBONE=18 must be a string"),
+    ],
+)
+def test_an_override_of_the_wrong_type_is_refused_with_the_fix(override, message):
+    # papermill -p SEEDS "[0, 1, 2]" hands the notebook a string, which would otherwise be
+    # iterated character by character deep inside the training loop.
+    with pytest.raises(TypeError, match=message):
+        preset_config("cpu", **override)
+
+
+def test_overrides_of_the_right_type_are_accepted():
+    config = preset_config("cpu", seeds=(3, 4), lr=1, epochs=5, max_classes=50)
+    assert config["seeds"] == (3, 4) and config["lr"] == 1 and config["max_classes"] == 50

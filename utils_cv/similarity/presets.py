@@ -85,6 +85,39 @@ def preset_config(preset: str, notebook: str | None = None, **overrides: Any) ->
     unknown = sorted(set(overrides) - set(config))
     if unknown:
         raise ValueError(f"unknown preset setting(s) {unknown}; known: {sorted(config)}")
-    config.update({key: value for key, value in overrides.items() if value is not None})
+    for key, value in overrides.items():
+        if value is not None:
+            _check_override(key, value, config[key])
+            config[key] = value
     config["preset"] = name
     return config
+
+
+_NAMES = {int: ("an integer", "integers"), str: ("a string", "strings")}
+
+
+def _check_override(key: str, value: Any, default: Any) -> None:
+    """Refuse an override whose type does not match the preset's value, e.g. ``SEEDS="[0, 1]"``."""
+    if default is None:  # no type to compare with (max_classes: None means all classes)
+        return
+    if isinstance(default, list):
+        kind = type(default[0]) if default else object
+        ok = isinstance(value, (list, tuple)) and len(value) > 0
+        ok = ok and all(isinstance(v, kind) and not isinstance(v, bool) for v in value)
+        expected = f"a non-empty list of {_NAMES.get(kind, ('', kind.__name__))[1]}"
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        expected = "a number"
+    else:
+        ok = isinstance(value, type(default)) and not isinstance(value, bool)
+        expected = _NAMES.get(type(default), (f"of type {type(default).__name__}",))[0]
+    if not ok:
+        hint = ""
+        if isinstance(value, str):
+            hint = (
+                f"; papermill's -p passes {value!r} as a string, pass YAML instead: "
+                f"-y '{key.upper()}: {default!r}'"
+            )
+        raise TypeError(
+            f"{key.upper()}={value!r} must be {expected}, like the preset's {default!r}{hint}"
+        )
