@@ -78,6 +78,7 @@ test-gpu: env
 
 benchmark: env
 	$(BIN)/python benchmarks/eval_speed.py
+	$(BIN)/python benchmarks/train_speed.py
 
 lab: env
 	$(BIN)/jupyter lab notebooks/

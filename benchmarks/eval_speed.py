@@ -142,8 +142,10 @@ def spawn(job: str, data_dir: str, args) -> dict:
     for name in ("chunk_size", "warmup"):
         if getattr(args, name) is not None:
             command += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
-    out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:  # show the worker's own error, not only its exit status
+        raise SystemExit(f"the {job!r} measurement failed:\n{done.stderr.strip()}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:

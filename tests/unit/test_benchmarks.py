@@ -1,0 +1,52 @@
+"""The benchmark scripts run and report what they claim, at toy sizes.
+
+Only the output's shape and consistency are checked: timings belong to the scripts, never to
+assertions (benchmarks/README.md).
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).parents[2] / "benchmarks"
+
+
+def run_script(name: str, tmp_path: Path, *args: str) -> dict:
+    out = tmp_path / "result.json"
+    subprocess.run(
+        [sys.executable, str(BENCHMARKS / name), *args, "--json", str(out)],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=BENCHMARKS.parent,
+    )
+    return json.loads(out.read_text())
+
+
+def test_eval_speed_agrees_with_pytorch_metric_learning(tmp_path):
+    # more than 1,000 embeddings: the script asks for SOP's Recall@1000
+    result = run_script(
+        "eval_speed.py", tmp_path, "--n", "1500", "--classes", "250", "--repeats", "1"
+    )
+    assert result["agree"], result["differences"]
+    assert 0 < result["ours"]["values"]["recall@1"] <= 1
+    assert result["ours"]["seconds"] > 0 and result["pml_over_ours"] > 0
+
+
+def test_train_speed_times_both_loops(tmp_path):
+    result = run_script(
+        "train_speed.py", tmp_path,
+        "--steps", "2", "--warmup", "1", "--repeats", "2", "--classes", "8",
+        "--image-size", "32", "--batch-size", "8", "--embedding-size", "16",
+    )  # fmt: skip
+    speeds = result["images_per_second"]
+    assert speeds["bare"] > 0 and speeds["utils_cv"] > 0
+    assert len(result["rounds"]["bare"]) == len(result["rounds"]["utils_cv"]) == 2
+    # the speeds are rounded to whole images per second, the ratio is not
+    expected = speeds["utils_cv"] / speeds["bare"]
+    assert result["ratio"] == pytest.approx(expected, abs=2 / speeds["bare"])
+    assert result["meets_target"] == (result["ratio"] >= result["target"])
+    assert result["config"]["precision"] == "fp32"  # the CPU default
