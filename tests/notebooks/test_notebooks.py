@@ -62,3 +62,9 @@ def test_notebook_smoke(name, tmp_path):
     assert not missing, f"{name} did not record {missing}; it recorded {sorted(flat)}"
     assert flat["preset"] == "smoke"
     assert_sane(metrics)
+    if name == "01_triplet_baseline":
+        for method in metrics["methods"].values():
+            # one Recall@1 per seed, and the recorded mean is their mean
+            by_seed = method["recall@1_by_seed"]
+            assert len(by_seed) == len(metrics["seeds"])
+            assert method["recall@1"] == pytest.approx(sum(by_seed) / len(by_seed), abs=1e-4)
