@@ -43,10 +43,10 @@ def synchronize(device: torch.device) -> None:
 def synthetic_data(args, device: torch.device) -> ImageData:
     """(warmup + steps) batches of seeded random images, on ``device``."""
     n = (args.warmup + args.steps) * args.batch_size
-    generator = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (n, 3, args.image_size, args.image_size), generator=generator)
     if n < args.classes:
         raise SystemExit(f"{n} images cannot fill --classes {args.classes}; lower --classes")
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (n, 3, args.image_size, args.image_size), generator=generator)
     # every class present, so make_learner's relabeling keeps all of them
     labels = (torch.arange(n) % args.classes)[torch.randperm(n, generator=generator)]
     return ImageData(
