@@ -174,6 +174,8 @@ def _smallest(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]
     straddles = values[:, -1] == values[:, -2] if extra and k > 0 else None
     values, indices = values[:, :k], indices[:, :k]
     tied = (values[:, 1:] == values[:, :-1]).any(dim=1)
+    if straddles is not None:
+        tied &= ~straddles  # those rows are fully sorted below anyway
     if tied.any():
         # One sort by (run of equal values, column); the values are already in order.
         rows = tied.nonzero().flatten()
