@@ -26,7 +26,7 @@ from fastai.callback.core import Callback
 
 from utils_cv.common.device import describe_device, set_seed
 from utils_cv.similarity.augment import augment_batch
-from utils_cv.similarity.data import ImageData
+from utils_cv.similarity.datasets import ImageData
 from utils_cv.similarity.losses import SoftmaxLoss
 from utils_cv.similarity.models import EmbeddingNet
 from utils_cv.similarity.training import make_learner

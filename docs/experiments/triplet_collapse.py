@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from utils_cv.common.device import set_seed
-from utils_cv.similarity.data import load_emoji
+from utils_cv.similarity.datasets import load_emoji
 from utils_cv.similarity.losses import TripletLoss
 from utils_cv.similarity.metrics import retrieval_metrics
 from utils_cv.similarity.models import EmbeddingNet, embed

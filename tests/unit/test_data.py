@@ -12,8 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from utils_cv.similarity import data, emoji
-from utils_cv.similarity.data import ImageData, class_split
+from utils_cv.similarity.datasets import ImageData, class_split, emoji, fashion_mnist, image_folder
 
 
 def _toy(n=6):
@@ -131,7 +130,7 @@ def emoji_root(tmp_path_factory):
 
 @needs_fonts
 def test_load_emoji_matches_manifest(emoji_root):
-    loaded = data.load_emoji(emoji_root, image_size=32, max_classes=30)
+    loaded = emoji.load_emoji(emoji_root, image_size=32, max_classes=30)
     with open(emoji_root / "manifest.csv", newline="", encoding="utf-8") as file:
         rows = list(csv.DictReader(file))
     assert len(loaded) == len(rows) and loaded.images.shape[1:] == (3, 32, 32)
@@ -152,29 +151,29 @@ def test_load_emoji_matches_manifest(emoji_root):
 
 @needs_fonts
 def test_load_emoji_designs_and_refusals(emoji_root, tmp_path):
-    colour = data.load_emoji(emoji_root, designs=["noto", "openmoji"], max_classes=30)
+    colour = emoji.load_emoji(emoji_root, designs=["noto", "openmoji"], max_classes=30)
     assert set(colour.domains) == {"openmoji", "noto"}
     assert torch.bincount(colour.labels).tolist() == [2] * 30
     with pytest.raises(emoji.EmojiDataMismatchError, match="max_classes"):
-        data.load_emoji(emoji_root)
+        emoji.load_emoji(emoji_root)
     with pytest.raises(FileNotFoundError, match="build=True"):
-        data.load_emoji(tmp_path / "nothing", build=False)
+        emoji.load_emoji(tmp_path / "nothing", build=False)
     with pytest.raises(ValueError, match="designs"):
-        data.load_emoji(emoji_root, designs=["comic sans"])
+        emoji.load_emoji(emoji_root, designs=["comic sans"])
 
 
 @needs_fonts
 def test_load_emoji_builds_missing_and_refuses_tampered(tmp_path):
     root = tmp_path / "emoji"
-    first = data.load_emoji(root, designs=["openmoji", "noto"], max_classes=4)
+    first = emoji.load_emoji(root, designs=["openmoji", "noto"], max_classes=4)
     assert (root / "fingerprint.json").is_file() and len(first) == 8
     with pytest.raises(emoji.EmojiDataMismatchError, match="designs"):
-        data.load_emoji(root, max_classes=4)
+        emoji.load_emoji(root, max_classes=4)
     victim = root / first.paths[0]
     Image.new("RGB", (96, 96), "white").save(victim)
     with pytest.raises(emoji.EmojiDataMismatchError, match="rebuild=True"):
-        data.load_emoji(root, designs=["openmoji", "noto"], max_classes=4)
-    rebuilt = data.load_emoji(root, designs=["openmoji", "noto"], max_classes=4, rebuild=True)
+        emoji.load_emoji(root, designs=["openmoji", "noto"], max_classes=4)
+    rebuilt = emoji.load_emoji(root, designs=["openmoji", "noto"], max_classes=4, rebuild=True)
     assert torch.equal(rebuilt.images, first.images)
 
 
@@ -198,7 +197,7 @@ def test_load_image_folder_reports_every_problem(tmp_path):
     _save(tmp_path / "durian" / "only.png")
     (tmp_path / ".DS_Store").write_bytes(b"\0")
     with pytest.warns(UserWarning) as record:
-        loaded = data.load_image_folder(tmp_path, image_size=8)
+        loaded = image_folder.load_image_folder(tmp_path, image_size=8)
     message = "\n".join(str(w.message) for w in record)
     assert len(record) == 1
     assert "skipped 3 files" in message
@@ -221,7 +220,7 @@ def test_load_image_folder_resizes_shorter_side_and_crops_centre(tmp_path):
     _save(tmp_path / "a" / "y.png")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        loaded = data.load_image_folder(tmp_path, image_size=8)
+        loaded = image_folder.load_image_folder(tmp_path, image_size=8)
     pixels = loaded.images[loaded.paths.index(str(tmp_path / "a" / "x.png"))]
     # 40x10 -> 32x8, centre crop keeps x = 12..19 of 32: red on the left, blue on the right.
     assert pixels[:, 4, 0].tolist() == [255, 0, 0]
@@ -230,11 +229,11 @@ def test_load_image_folder_resizes_shorter_side_and_crops_centre(tmp_path):
 
 def test_load_image_folder_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        data.load_image_folder(tmp_path / "missing")
+        image_folder.load_image_folder(tmp_path / "missing")
     (tmp_path / "empty_class").mkdir()
     (tmp_path / "empty_class" / "readme.md").write_text("x")
     with pytest.raises(ValueError, match=r"(?s)no readable images.*readme.md"):
-        data.load_image_folder(tmp_path)
+        image_folder.load_image_folder(tmp_path)
 
 
 # load_fashion_mnist
@@ -265,14 +264,14 @@ def tiny_fashion(tmp_path):
 
 def test_load_fashion_mnist_tiny(tiny_fashion):
     root, pixels = tiny_fashion
-    loaded = data.load_fashion_mnist(root)
+    loaded = fashion_mnist.load_fashion_mnist(root)
     assert loaded.images.shape == (8, 3, 28, 28)
     assert torch.equal(loaded.images[:, 0], torch.from_numpy(pixels.astype(np.uint8)))
     assert torch.equal(loaded.images[:, 0], loaded.images[:, 2])
     assert loaded.labels.tolist() == [0, 1, 2, 3, 9, 4, 5, 6]
     assert loaded.splits == ["train"] * 5 + ["test"] * 3
     assert loaded.class_names[9] == "Ankle boot"
-    resized = data.load_fashion_mnist(root, image_size=14)
+    resized = fashion_mnist.load_fashion_mnist(root, image_size=14)
     assert resized.images.shape == (8, 3, 14, 14)
     # Antialiased: each output pixel is close to the mean of its 2x2 block.
     blocks = pixels.reshape(8, 14, 2, 14, 2).mean(axis=(2, 4))
@@ -281,22 +280,24 @@ def test_load_fashion_mnist_tiny(tiny_fashion):
 
 def test_load_fashion_mnist_errors(tmp_path, tiny_fashion):
     with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
-        data.load_fashion_mnist(tmp_path / "nowhere")
+        fashion_mnist.load_fashion_mnist(tmp_path / "nowhere")
     root, _ = tiny_fashion
     (root / "t10k-images-idx3-ubyte").write_bytes(b"\x00\x00\x09\x03garbage")
     with pytest.raises(ValueError, match="not an unsigned-byte IDX file"):
-        data.load_fashion_mnist(root)
+        fashion_mnist.load_fashion_mnist(root)
 
 
-@pytest.mark.skipif(not data.FASHION_MNIST_DEBIAN.is_dir(), reason="dataset-fashion-mnist missing")
+@pytest.mark.skipif(
+    not fashion_mnist.FASHION_MNIST_DEBIAN.is_dir(), reason="dataset-fashion-mnist missing"
+)
 def test_load_fashion_mnist_debian_copy():
-    loaded = data.load_fashion_mnist()
+    loaded = fashion_mnist.load_fashion_mnist()
     assert loaded.splits.count("train") == 60000 and loaded.splits.count("test") == 10000
     assert torch.bincount(loaded.labels).tolist() == [7000] * 10
 
 
 def test_example_queries_are_fixed_have_partners_and_match_the_domain():
-    from utils_cv.similarity.data import ImageData, example_queries
+    from utils_cv.similarity.datasets import ImageData, example_queries
 
     labels = torch.tensor([0, 0, 1, 2, 2, 3, 3, 3])
     domains = ["a", "b", "a", "a", "b", "a", "b", "a"]

@@ -13,13 +13,12 @@ from fontTools.pens.ttGlyphPen import TTGlyphPen
 from fontTools.ttLib import TTFont
 from PIL import Image, ImageFont, features
 
-from utils_cv.similarity import emoji
-from utils_cv.similarity.data import class_split
+from utils_cv.similarity.datasets import class_split, emoji, emoji_fonts
 
 try:
-    FONTS = emoji.find_fonts()
+    FONTS = emoji_fonts.find_fonts()
     MISSING = ""
-except emoji.FontNotFoundError as error:
+except emoji_fonts.FontNotFoundError as error:
     FONTS, MISSING = {}, str(error)
 needs_fonts = pytest.mark.skipif(not FONTS, reason=f"emoji fonts missing: {MISSING}")
 
@@ -44,13 +43,13 @@ def small_build(tmp_path_factory):
 
 
 def test_emoji_name_known_answers():
-    assert emoji.emoji_name((0x1F600,)) == "grinning face"
-    assert emoji.emoji_name((0x1F1FA, 0x1F1F8)) == "flag US"
-    assert emoji.emoji_name((0x0031, 0x20E3)) == "keycap digit one"
+    assert emoji_fonts.emoji_name((0x1F600,)) == "grinning face"
+    assert emoji_fonts.emoji_name((0x1F1FA, 0x1F1F8)) == "flag US"
+    assert emoji_fonts.emoji_name((0x0031, 0x20E3)) == "keycap digit one"
     england = (0x1F3F4, 0xE0067, 0xE0062, 0xE0065, 0xE006E, 0xE0067, 0xE007F)
-    assert emoji.emoji_name(england) == "flag GB-ENG"
-    assert emoji.emoji_name((0x1F3F3, 0x200D, 0x1F308)) == "waving white flag + rainbow"
-    assert emoji.emoji_name((0x0378,)) is None  # unassigned: no name, no class
+    assert emoji_fonts.emoji_name(england) == "flag GB-ENG"
+    assert emoji_fonts.emoji_name((0x1F3F3, 0x200D, 0x1F308)) == "waving white flag + rainbow"
+    assert emoji_fonts.emoji_name((0x0378,)) is None  # unassigned: no name, no class
 
 
 def test_emoji_classes_rule_on_synthetic_fonts():
@@ -67,28 +66,28 @@ def test_emoji_classes_rule_on_synthetic_fonts():
         "openmoji": {**shared, (0x1F680,): "rocket only in openmoji"},
         "noto": {**shared, (0x1F681,): "helicopter only in noto"},
     }
-    classes, skipped = emoji.emoji_classes(glyphs)
+    classes, skipped = emoji_fonts.emoji_classes(glyphs)
     assert [c.codepoints for c in classes] == [(0x1F44B,), (0x1F600,)]
     assert [c.name for c in classes] == ["waving hand sign", "grinning face"]
     assert skipped == {"unnamed_by_unicode_database": 1}
-    with_tones, _ = emoji.emoji_classes(glyphs, include_skin_tones=True)
+    with_tones, _ = emoji_fonts.emoji_classes(glyphs, include_skin_tones=True)
     assert [c.class_id for c in with_tones] == ["1F44B", "1F44B-1F3FB", "1F600"]
-    sample, _ = emoji.emoji_classes(glyphs, include_skin_tones=True, max_classes=2)
+    sample, _ = emoji_fonts.emoji_classes(glyphs, include_skin_tones=True, max_classes=2)
     assert len(sample) == 2 and set(sample) < set(with_tones)
     with pytest.raises(ValueError, match="max_classes=0"):
-        emoji.emoji_classes(glyphs, max_classes=0)
+        emoji_fonts.emoji_classes(glyphs, max_classes=0)
 
 
 @needs_fonts
 def test_font_glyphs_reads_cmap_and_ligatures():
-    noto = emoji.font_glyphs(FONTS["noto"])
+    noto = emoji_fonts.font_glyphs(FONTS["noto"])
     cmap = _cmap("noto")
     assert noto[(0x1F600,)] == cmap[0x1F600]
     assert (0x41,) not in noto and 0x41 not in cmap  # no Latin letters in Noto Color Emoji
     assert (0x1F1FA, 0x1F1F8) in noto  # flag US is a ligature
     assert noto[(0x1F1FA, 0x1F1F8)] not in (cmap[0x1F1FA], cmap[0x1F1F8])
     # U+FE0F is dropped from keys: OpenMoji's keycap ligatures include it, Noto's do not.
-    openmoji = emoji.font_glyphs(FONTS["openmoji"])
+    openmoji = emoji_fonts.font_glyphs(FONTS["openmoji"])
     assert (0x0031, 0x20E3) in openmoji and (0x0031, 0x20E3) in noto
     assert not any(0xFE0F in key for key in openmoji)
 
@@ -168,11 +167,11 @@ def test_sequences_render_as_harfbuzz_shapes_them(small_build):
             full["-".join(h for h in hexcode.split("-") if h != "FE0F")] = hexcode
     rows = [r for r in _read_manifest(small_build) if "-" in r["class_id"]]
     assert rows
-    for key, size in (("openmoji", 2 * SIZE), ("noto", emoji.NOTO_PIXEL_SIZE)):
+    for key, size in (("openmoji", 2 * SIZE), ("noto", emoji_fonts.NOTO_PIXEL_SIZE)):
         font = ImageFont.truetype(str(FONTS[key]), size, layout_engine=ImageFont.Layout.RAQM)
         for row in (r for r in rows if r["design"] == key):
             text = "".join(chr(int(h, 16)) for h in full[row["class_id"]].split("-"))
-            shaped = np.asarray(emoji.render_glyph(font, text, SIZE, color=True))
+            shaped = np.asarray(emoji_fonts.render_glyph(font, text, SIZE, color=True))
             built = np.asarray(Image.open(small_build / row["path"]))
             assert np.array_equal(shaped, built), row["path"]
 
@@ -180,22 +179,22 @@ def test_sequences_render_as_harfbuzz_shapes_them(small_build):
 @needs_fonts
 def test_render_glyph_rejects_blank():
     font = ImageFont.truetype(str(FONTS["symbola"]), 64, layout_engine=ImageFont.Layout.BASIC)
-    assert emoji.render_glyph(font, " ", 32, color=False) is None
-    image = emoji.render_glyph(font, "A", 32, color=False)
+    assert emoji_fonts.render_glyph(font, " ", 32, color=False) is None
+    image = emoji_fonts.render_glyph(font, "A", 32, color=False)
     assert image.size == (32, 32) and np.asarray(image).min() == 0
 
 
 @needs_fonts
 def test_missing_font_names_file_and_install_command(tmp_path, monkeypatch):
     bogus = tmp_path / "no" / "Symbola.ttf"
-    with pytest.raises(emoji.FontNotFoundError) as info:
+    with pytest.raises(emoji_fonts.FontNotFoundError) as info:
         emoji.build_emoji(tmp_path / "emoji", max_classes=2, fonts={"symbola": bogus})
-    assert str(bogus) in str(info.value) and emoji.APT_INSTALL in str(info.value)
-    with pytest.raises(emoji.FontNotFoundError, match=emoji.PIP_INSTALL):
-        emoji.find_fonts({"openmoji": bogus})
+    assert str(bogus) in str(info.value) and emoji_fonts.APT_INSTALL in str(info.value)
+    with pytest.raises(emoji_fonts.FontNotFoundError, match=emoji_fonts.PIP_INSTALL):
+        emoji_fonts.find_fonts({"openmoji": bogus})
     monkeypatch.setenv("UTILS_CV_FONT_NOTO", str(bogus))
-    with pytest.raises(emoji.FontNotFoundError, match="fonts-noto-color-emoji"):
-        emoji.find_fonts(keys=["noto"])
+    with pytest.raises(emoji_fonts.FontNotFoundError, match="fonts-noto-color-emoji"):
+        emoji_fonts.find_fonts(keys=["noto"])
     assert not (tmp_path / "emoji").exists()
 
 
@@ -204,7 +203,7 @@ def test_font_directory_override(tmp_path, monkeypatch):
     copy = tmp_path / "Symbola_hint.ttf"
     copy.write_bytes(FONTS["symbola"].read_bytes())
     monkeypatch.setenv("UTILS_CV_FONT_DIR", str(tmp_path))
-    assert emoji.find_fonts(keys=["symbola"]) == {"symbola": copy}
+    assert emoji_fonts.find_fonts(keys=["symbola"]) == {"symbola": copy}
 
 
 def _blank_font(path, code_points):
@@ -223,15 +222,15 @@ def _blank_font(path, code_points):
 
 @needs_fonts
 def test_font_that_renders_nothing_is_an_error(tmp_path):
-    glyphs = {k: emoji.font_glyphs(FONTS[k]) for k in ("openmoji", "noto")}
-    classes, _ = emoji.emoji_classes(glyphs, max_classes=SMALL)
+    glyphs = {k: emoji_fonts.font_glyphs(FONTS[k]) for k in ("openmoji", "noto")}
+    classes, _ = emoji_fonts.emoji_classes(glyphs, max_classes=SMALL)
     blank = tmp_path / "blank.ttf"
     _blank_font(blank, [c.codepoints[0] for c in classes if len(c.codepoints) == 1])
-    with pytest.raises(emoji.FontNotFoundError, match="renders nothing") as info:
+    with pytest.raises(emoji_fonts.FontNotFoundError, match="renders nothing") as info:
         emoji.build_emoji(
             tmp_path / "emoji", designs=["symbola"], max_classes=SMALL, fonts={"symbola": blank}
         )
-    assert emoji.APT_INSTALL in str(info.value) and str(blank) in str(info.value)
+    assert emoji_fonts.APT_INSTALL in str(info.value) and str(blank) in str(info.value)
 
 
 @needs_fonts

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ast
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -51,8 +53,19 @@ def test_softmax_loss_refuses_embeddings_of_the_wrong_size():
         SoftmaxLoss(embedding_size=4, num_classes=3)(torch.randn(2, 5), torch.tensor([0, 1]))
 
 
-def test_losses_module_can_be_copied_alone():
-    tree = ast.parse(Path(losses.__file__).read_text())
+LOSS_FILES = sorted(p for p in Path(losses.__file__).parent.glob("*.py") if p.name != "__init__.py")
+
+
+def test_every_loss_is_in_its_own_file():
+    assert {p.stem for p in LOSS_FILES} >= {"softmax", "triplet"}
+    for name in losses.__all__:
+        module = getattr(losses, name).__module__
+        assert module.startswith("utils_cv.similarity.losses."), (name, module)
+
+
+@pytest.mark.parametrize("path", LOSS_FILES, ids=lambda p: p.name)
+def test_each_loss_file_imports_torch_only(path):
+    tree = ast.parse(path.read_text())
     imported = {
         alias.name.split(".")[0]
         for node in ast.walk(tree)
@@ -63,4 +76,15 @@ def test_losses_module_can_be_copied_alone():
         for node in ast.walk(tree)
         if isinstance(node, ast.ImportFrom) and node.module
     }
+    relative = [node for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level]
+    assert not relative, f"{path.name} imports from its own package"
     assert imported <= {"__future__", "torch"}, imported
+
+
+@pytest.mark.parametrize("path", LOSS_FILES, ids=lambda p: p.name)
+def test_each_loss_file_runs_copied_alone(path, tmp_path):
+    # Run the file as a script in an empty folder, as someone who copied it would.
+    copy = tmp_path / path.name
+    copy.write_text(path.read_text())
+    code = f"import runpy; runpy.run_path({str(copy)!r})"
+    subprocess.run([sys.executable, "-c", code], cwd=tmp_path, check=True)

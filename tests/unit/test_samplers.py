@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from utils_cv.common.device import set_seed
-from utils_cv.similarity.data import ImageData
+from utils_cv.similarity.datasets import ImageData
 from utils_cv.similarity.losses import TripletLoss
 from utils_cv.similarity.models import EmbeddingNet
 from utils_cv.similarity.samplers import ClassBalancedBatchSampler

@@ -12,7 +12,7 @@ from fastai.optimizer import SGD
 
 from utils_cv.common.device import set_seed
 from utils_cv.similarity import training
-from utils_cv.similarity.data import ImageData
+from utils_cv.similarity.datasets import ImageData
 from utils_cv.similarity.losses import SoftmaxLoss
 from utils_cv.similarity.metrics import retrieval_metrics
 from utils_cv.similarity.models import EmbeddingNet, embed

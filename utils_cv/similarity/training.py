@@ -54,7 +54,7 @@ from utils_cv.similarity.metrics import retrieval_metrics
 from utils_cv.similarity.models import embed
 
 if TYPE_CHECKING:
-    from utils_cv.similarity.data import ImageData
+    from utils_cv.similarity.datasets import ImageData
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 

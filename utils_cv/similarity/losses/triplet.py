@@ -1,10 +1,6 @@
-"""Losses for metric learning, each a small ``nn.Module`` that stands alone.
+"""Triplet loss with batch-all, semi-hard and batch-hard mining (FaceNet; Hermans et al.).
 
-Every loss is called as ``loss(embeddings, labels)`` with ``embeddings: (N, D) float`` and
-``labels: (N,) int`` and returns a scalar. Some own parameters (class weights, proxies);
-the training code gives those their own parameter group and learning rate.
-
-Each class depends on ``torch`` only, so it can be copied into another project alone.
+Copy this file alone into another project: it imports torch only.
 """
 
 from __future__ import annotations
@@ -12,40 +8,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-
-class SoftmaxLoss(nn.Module):
-    """A plain linear classifier on the embeddings, trained with cross-entropy.
-
-    The classifier (weight and bias) belongs to the loss, not to the model: at test time
-    the classes are new, so only the embeddings before it are used for retrieval.
-
-    Args:
-        embedding_size: D, the size of the embeddings.
-        num_classes: C; labels must lie in 0..C-1.
-
-    Shapes: embeddings (N, D) float, labels (N,) int -> scalar loss (mean over the batch).
-    """
-
-    def __init__(self, embedding_size: int, num_classes: int):
-        super().__init__()
-        self.embedding_size = embedding_size
-        self.num_classes = num_classes
-        self.classifier = nn.Linear(embedding_size, num_classes)
-
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        if embeddings.ndim != 2 or embeddings.shape[1] != self.embedding_size:
-            raise ValueError(
-                f"embeddings have shape {tuple(embeddings.shape)} but the loss expects "
-                f"(N, {self.embedding_size}); create it with the model's embedding_size"
-            )
-        low, high = int(labels.min()), int(labels.max())
-        if low < 0 or high >= self.num_classes:
-            raise ValueError(
-                f"labels range from {low} to {high} but num_classes={self.num_classes}; "
-                "relabel the data to 0..C-1 (ImageData.relabel()) or raise num_classes"
-            )
-        return F.cross_entropy(self.classifier(embeddings), labels)
 
 
 class TripletLoss(nn.Module):
@@ -84,7 +46,7 @@ class TripletLoss(nn.Module):
         squared: use squared Euclidean distances (and the margin is then in squared units).
 
     Shapes: embeddings (N, D) float, labels (N,) int -> scalar. A batch needs at least one
-    positive pair and two classes (a P x K batch with K >= 2, see ``ClassBalancedBatchSampler``).
+    positive pair and two classes: sample P classes x K images per batch with K >= 2.
 
     After each call, ``stats`` holds floats about that batch:
         "num_triplets": the triplets the loss considered (batch_all: all valid triplets;
@@ -131,14 +93,14 @@ class TripletLoss(nn.Module):
         if num_pos == 0:
             raise ValueError(
                 f"no two of the {len(labels)} embeddings share a label, so the batch has no "
-                "positive pair; build batches with ClassBalancedBatchSampler and "
-                "samples_per_class >= 2"
+                "positive pair; sample each batch as P classes x K images with K >= 2 "
+                "(here: ClassBalancedBatchSampler with samples_per_class >= 2)"
             )
         if num_neg == 0:
             raise ValueError(
                 f"all {len(labels)} embeddings have the same label, so the batch has no "
-                "negative; build batches with ClassBalancedBatchSampler and "
-                "classes_per_batch >= 2"
+                "negative; sample each batch as P classes x K images with P >= 2 "
+                "(here: ClassBalancedBatchSampler with classes_per_batch >= 2)"
             )
 
         dist = self._distances(embeddings)

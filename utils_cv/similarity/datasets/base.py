@@ -1,0 +1,207 @@
+"""The in-memory container every dataset loader returns, and the class split they share.
+
+An :class:`ImageData` holds uint8 images, integer labels into a global list of class
+names, and per image its split ("train" | "val" | "test"), domain and source path.
+Retrieval benchmarks split by *class*: the test classes are never seen in training, and
+model selection uses a validation share of the training classes (:func:`class_split`).
+The loaders live beside this file, one per dataset.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+# Built and downloaded data is cached in the repository's data/ folder (git-ignored).
+DATA_DIR = Path(__file__).resolve().parents[3] / "data"
+
+
+@dataclass
+class ImageData:
+    """Images with labels, class names, splits, domains and source paths.
+
+    images: (N, 3, H, W) uint8 RGB, on any device (CPU by default).
+    labels: (N,) int64, index into ``class_names``.
+    class_names: global list of class names; labels index into it.
+    splits: (N,) "train" | "val" | "test" per image.
+    domains: (N,) per image, e.g. the emoji design; "" where not meaningful.
+    paths: (N,) source file per image; "" for images without a file.
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    class_names: list[str]
+    splits: list[str]
+    domains: list[str]
+    paths: list[str]
+
+    def __post_init__(self) -> None:
+        n = len(self.images)
+        if self.images.dtype != torch.uint8 or self.images.dim() != 4 or self.images.shape[1] != 3:
+            raise ValueError(
+                f"images must be (N, 3, H, W) uint8, got {tuple(self.images.shape)} "
+                f"{self.images.dtype}"
+            )
+        lengths = {
+            "labels": len(self.labels),
+            "splits": len(self.splits),
+            "domains": len(self.domains),
+            "paths": len(self.paths),
+        }
+        bad = {k: v for k, v in lengths.items() if v != n}
+        if bad:
+            raise ValueError(f"{n} images but lengths {bad}; every per-image field needs N={n}")
+        if self.labels.dtype != torch.int64:
+            raise ValueError(f"labels must be int64, got {self.labels.dtype}")
+        # Checked on the CPU only: elsewhere it would cost a device sync at every subset.
+        on_cpu = self.labels.device.type == "cpu"
+        if n and on_cpu and (self.labels.min() < 0 or self.labels.max() >= len(self.class_names)):
+            raise ValueError(
+                f"labels must index class_names (0..{len(self.class_names) - 1}), got range "
+                f"{int(self.labels.min())}..{int(self.labels.max())}"
+            )
+        unknown = sorted(set(self.splits) - set(SPLITS))
+        if unknown:
+            raise ValueError(f"unknown split names {unknown}; expected {list(SPLITS)}")
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __repr__(self) -> str:
+        counts = {s: self.splits.count(s) for s in SPLITS if s in self.splits}
+        return (
+            f"ImageData({len(self)} images {tuple(self.images.shape[1:])}, "
+            f"{self.num_classes} classes, splits {counts}, device {self.images.device})"
+        )
+
+    @property
+    def num_classes(self) -> int:
+        """Number of distinct labels present (not ``len(class_names)``)."""
+        return int(torch.unique(self.labels).numel())
+
+    def subset(self, index: torch.Tensor | Sequence[int] | Sequence[bool]) -> ImageData:
+        """Images selected by a bool mask (N,) or integer indices; keeps ``class_names``."""
+        index = torch.as_tensor(index)
+        if index.dtype == torch.bool:
+            if index.shape != (len(self),):
+                raise ValueError(f"bool mask has shape {tuple(index.shape)}, needs ({len(self)},)")
+            index = index.nonzero().flatten()
+        index = index.long().cpu()
+        keep = index.tolist()
+        return ImageData(
+            images=self.images[index.to(self.images.device)],
+            labels=self.labels[index.to(self.labels.device)],
+            class_names=list(self.class_names),
+            splits=[self.splits[i] for i in keep],
+            domains=[self.domains[i] for i in keep],
+            paths=[self.paths[i] for i in keep],
+        )
+
+    def split(self, name: str) -> ImageData:
+        """The images whose split is ``name`` ("train", "val" or "test")."""
+        if name not in SPLITS:
+            raise ValueError(f"split {name!r} unknown; use one of {list(SPLITS)}")
+        return self.subset([s == name for s in self.splits])
+
+    def relabel(self) -> ImageData:
+        """Labels made contiguous 0..C-1 in order of the old labels; class_names reduced."""
+        present, labels = torch.unique(self.labels, return_inverse=True)
+        return ImageData(
+            images=self.images,
+            labels=labels.to(torch.int64),
+            class_names=[self.class_names[i] for i in present.tolist()],
+            splits=list(self.splits),
+            domains=list(self.domains),
+            paths=list(self.paths),
+        )
+
+    def to(self, device: torch.device | str) -> ImageData:
+        """Images and labels moved to ``device``."""
+        return ImageData(
+            images=self.images.to(device),
+            labels=self.labels.to(device),
+            class_names=list(self.class_names),
+            splits=list(self.splits),
+            domains=list(self.domains),
+            paths=list(self.paths),
+        )
+
+
+def _unit_hash(text: str, salt: str) -> float:
+    """A number in [0, 1) from sha256: stable across runs, machines and Python versions."""
+    digest = hashlib.sha256(f"{salt}:{text}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def class_split(name: str, test_fraction: float = 0.5, val_fraction: float = 0.2) -> str:
+    """Split of a class by a stable hash of its name: "train", "val" or "test".
+
+    About ``test_fraction`` of all classes go to "test"; of the rest, about ``val_fraction``
+    go to "val" (for model selection), the others to "train". The hash is sha256, so the
+    answer never changes (Python's ``hash()`` is salted per process). The "val" draw uses
+    a second, independent hash, so changing ``test_fraction`` never moves a class between
+    "val" and "train" except by sending it to or from "test".
+    """
+    for label, fraction in (("test_fraction", test_fraction), ("val_fraction", val_fraction)):
+        if not 0.0 <= fraction <= 1.0:
+            raise ValueError(f"{label}={fraction} must be between 0 and 1")
+    if _unit_hash(name, "test") < test_fraction:
+        return "test"
+    if _unit_hash(name, "val") < val_fraction:
+        return "val"
+    return "train"
+
+
+def example_queries(data: ImageData, count: int = 4, domain: str | None = "openmoji") -> list[int]:
+    """Indices of ``count`` fixed example queries, the same in every notebook.
+
+    Candidates are the images of ``domain`` (None: any) whose class has at least one other
+    image, so each has a right answer; they are ordered by a stable hash of the class
+    name, so the choice depends neither on a model nor on the run. Rank plots of these
+    queries can be compared from one notebook to the next.
+    """
+    labels = data.labels.tolist()
+    class_sizes = Counter(labels)
+    candidates = [
+        i
+        for i, label in enumerate(labels)
+        if class_sizes[label] > 1 and (domain is None or data.domains[i] == domain)
+    ]
+    if len(candidates) < count:
+        raise ValueError(
+            f"only {len(candidates)} images of domain={domain!r} have a same-class partner "
+            f"but count={count}; lower count or pass domain=None"
+        )
+    candidates.sort(key=lambda i: (_unit_hash(data.class_names[labels[i]], "example"), i))
+    return candidates[:count]
+
+
+def _to_tensor(images: list[Image.Image]) -> torch.Tensor:
+    """(N, 3, H, W) uint8 from equally sized RGB PIL images."""
+    if not images:
+        return torch.zeros(0, 3, 1, 1, dtype=torch.uint8)
+    array = np.stack([np.asarray(image, dtype=np.uint8) for image in images])
+    return torch.from_numpy(array).permute(0, 3, 1, 2).contiguous()
+
+
+def _resize_square(image: Image.Image, image_size: int) -> Image.Image:
+    """RGB, shorter side resized to image_size (antialiased), centre crop to a square."""
+    image = image.convert("RGB")
+    scale = image_size / min(image.size)
+    size = (
+        max(image_size, round(image.width * scale)),
+        max(image_size, round(image.height * scale)),
+    )
+    if size != image.size:
+        image = image.resize(size, Image.Resampling.LANCZOS)
+    left = (image.width - image_size) // 2
+    top = (image.height - image_size) // 2
+    return image.crop((left, top, left + image_size, top + image_size))

@@ -1,0 +1,110 @@
+"""Your own images: an ImageFolder tree, one folder per class, split by class."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from utils_cv.similarity.datasets.base import ImageData, _resize_square, _to_tensor, class_split
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+# Problem lists in warnings are cut after this many paths (the count is always complete).
+_MAX_LISTED = 20
+
+
+def _is_stray(path: Path) -> bool:
+    return path.is_file() and not path.name.startswith(".")
+
+
+def _listing(items: list[str]) -> str:
+    """Items one per line, cut after _MAX_LISTED with the number left out."""
+    shown = items[:_MAX_LISTED]
+    if len(items) > _MAX_LISTED:
+        shown.append(f"... and {len(items) - _MAX_LISTED} more")
+    return "\n  " + "\n  ".join(shown)
+
+
+def load_image_folder(
+    root: str | os.PathLike,
+    image_size: int = 64,
+    test_fraction: float = 0.5,
+    val_fraction: float = 0.2,
+) -> ImageData:
+    """Images in an ImageFolder tree: ``root/<class name>/<image file>``.
+
+    Each class goes to one split by :func:`class_split` on its folder name. Every file is
+    accounted for: files that are not images or cannot be decoded, and empty class
+    folders, are listed in one warning (nothing is silently dropped); a class with a
+    single image is kept with a warning (it cannot be a retrieval query). Images are
+    converted to RGB, their shorter side resized to ``image_size`` and centre-cropped.
+    Raises FileNotFoundError when ``root`` is missing and ValueError when it has no images.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"image folder {root} does not exist; expected root/<class>/<image>"
+        )
+    entries = sorted(root.iterdir())
+    # Nothing is dropped silently: hidden entries (.DS_Store, .ipynb_checkpoints) and files
+    # outside class folders are reported with the unreadable ones.
+    skipped = [f"{p} (hidden, ignored)" for p in entries if p.name.startswith(".")]
+    skipped += [f"{p} (file outside a class folder)" for p in entries if _is_stray(p)]
+    class_dirs = [p for p in entries if p.is_dir() and not p.name.startswith(".")]
+    images, labels, paths, class_names = [], [], [], []
+    empty, single = [], []
+    for class_dir in class_dirs:
+        count = 0
+        for path in sorted(p for p in class_dir.rglob("*") if p.is_file()):
+            if path.suffix.lower() not in IMAGE_EXTENSIONS:
+                skipped.append(f"{path} (not an image file extension)")
+                continue
+            try:
+                with Image.open(path) as image:
+                    images.append(_resize_square(image, image_size))
+            except (
+                UnidentifiedImageError,
+                OSError,
+                ValueError,
+                Image.DecompressionBombError,
+            ) as error:
+                skipped.append(f"{path} (unreadable: {error})")
+                continue
+            labels.append(len(class_names))
+            paths.append(str(path))
+            count += 1
+        if count == 0:
+            empty.append(class_dir.name)
+            continue
+        if count == 1:
+            single.append(class_dir.name)
+        class_names.append(class_dir.name)
+    problems = []
+    if skipped:
+        problems.append(f"skipped {len(skipped)} files: {_listing(skipped)}")
+    if empty:
+        problems.append(f"{len(empty)} class folders without readable images: {_listing(empty)}")
+    if single:
+        problems.append(
+            f"{len(single)} classes have one image and cannot be retrieval queries: "
+            + _listing(single)
+        )
+    if not images:
+        raise ValueError(
+            f"no readable images in {root}; expected root/<class>/<image>"
+            + ("; " + "; ".join(problems) if problems else "")
+        )
+    if problems:
+        warnings.warn(f"load_image_folder({str(root)!r}): " + "; ".join(problems), stacklevel=2)
+    splits_by_class = [class_split(name, test_fraction, val_fraction) for name in class_names]
+    return ImageData(
+        images=_to_tensor(images),
+        labels=torch.tensor(labels, dtype=torch.int64),
+        class_names=class_names,
+        splits=[splits_by_class[label] for label in labels],
+        domains=[""] * len(images),
+        paths=paths,
+    )
