@@ -13,9 +13,10 @@ from fastai.optimizer import SGD
 from utils_cv.common.device import set_seed
 from utils_cv.similarity import training
 from utils_cv.similarity.datasets import ImageData
-from utils_cv.similarity.losses import SoftmaxLoss
+from utils_cv.similarity.losses import SoftmaxLoss, TripletLoss
 from utils_cv.similarity.metrics import retrieval_metrics
 from utils_cv.similarity.models import EmbeddingNet, embed
+from utils_cv.similarity.samplers import ClassBalancedBatchSampler
 from utils_cv.similarity.training import (
     DeviceDataLoader,
     ModelWithLoss,
@@ -419,3 +420,82 @@ def test_replace_loss_swaps_the_loss_fastai_calls_and_the_one_saved():
     history = get_history(learn)
     assert [entry["epoch"] for entry in history] == [0, 1]
     assert "loss_label_mean" not in history[0] and "loss_label_mean" in history[1]
+
+
+# --- models with more than one output -----------------------------------------------------
+
+
+class TwoHeadToy(torch.nn.Module):
+    """Class logits from pooled features; the embedding from the flattened conv map."""
+
+    def __init__(self, num_classes: int = NUM_CLASSES):
+        super().__init__()
+        self.backbone = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(4)
+        )
+        self.classifier = torch.nn.Linear(8, num_classes)
+        self.head = torch.nn.Linear(8 * 4 * 4, 6)
+
+    def forward(self, x):
+        return torch.nn.functional.normalize(self.head(self.backbone(x).flatten(1)), dim=1)
+
+    def training_outputs(self, x):
+        feature_map = self.backbone(x)
+        return {
+            "logits": self.classifier(feature_map.mean(dim=(2, 3))),
+            "embeddings": torch.nn.functional.normalize(self.head(feature_map.flatten(1)), dim=1),
+        }
+
+
+class SoftmaxPlusTriplet(torch.nn.Module):
+    """Cross-entropy on the logits plus triplet on the embeddings, with nested stats."""
+
+    def __init__(self):
+        super().__init__()
+        self.triplet = TripletLoss(0.2, mining="batch_all")
+        self.seen: list[type] = []
+
+    def forward(self, outputs, labels):
+        self.seen.append(type(outputs))
+        cross_entropy = torch.nn.functional.cross_entropy(outputs["logits"], labels)
+        triplet = self.triplet(outputs["embeddings"], labels)
+        self.stats = {"cross_entropy": cross_entropy.item(), "triplet": dict(self.triplet.stats)}
+        return cross_entropy + triplet
+
+
+def test_a_two_head_model_trains_through_training_outputs_and_evaluates_through_forward():
+    set_seed(0)
+    data = stripes(0)
+    model, loss = TwoHeadToy(), SoftmaxPlusTriplet()
+    before = state_of(model)
+    sampler = ClassBalancedBatchSampler(data.labels, 4, 3, seed=0)
+    learn = make_learner(model, loss, data, val=stripes(1), batch_sampler=sampler, device="cpu")
+    learn.fit(2, 1e-2)
+    # The loss saw the dict in every training step, and both heads learned.
+    assert loss.seen and set(loss.seen) == {dict}
+    after = state_of(model)
+    for name in ("classifier.weight", "head.weight", "backbone.0.weight"):
+        assert not torch.equal(before[name], after[name]), name
+    # Evaluation went through forward: 6-d embeddings, validation Recall@1 recorded.
+    assert embed(model, data.images[:5]).shape == (5, 6)
+    history = get_history(learn)
+    assert all(0 <= entry["val_recall@1"] <= 1 for entry in history)
+    # Both losses' statistics are in the history, the nested ones under joined names.
+    for entry in history:
+        assert entry["loss_cross_entropy"] > 0
+        assert 0 <= entry["loss_triplet_active_fraction"] <= 1
+        assert entry["loss_triplet_mean_neg_distance"] > 0
+
+
+def test_model_with_loss_calls_training_outputs_only_in_training_mode():
+    wrapped = ModelWithLoss(TwoHeadToy(), SoftmaxPlusTriplet())
+    images = torch.rand(4, 3, 8, 8)
+    assert isinstance(wrapped.train()(images), dict)
+    assert wrapped.eval()(images).shape == (4, 6)
+    plain = ModelWithLoss(EmbeddingNet("small_cnn", embedding_size=8), SoftmaxLoss(8, 3))
+    assert plain.train()(images).shape == (4, 8)
+
+
+def test_loss_stats_flatten_nested_dicts_and_skip_what_is_not_a_number():
+    stats = {"a": 1, "b": {"c": 2.5, "d": {"e": torch.tensor(3.0)}}, "f": "text", "g": True}
+    assert dict(training._flat_numbers(stats)) == {"a": 1.0, "b_c": 2.5, "b_d_e": 3.0}

@@ -4,6 +4,18 @@ Models take float images (N, 3, H, W) in [0, 1] and normalize them inside, so da
 needs a separate normalization step. ``embed`` turns any such model into embeddings for
 a whole image tensor.
 
+**The model contract.** ``model(x)`` always returns the retrieval embedding, (N, D): it is
+what ``embed``, the evaluation and the rank plots use, in training and at test time alike.
+A model that needs to give the loss more than that during training (two heads, say: class
+logits from pooled features and an embedding from the flattened conv map) also defines
+
+    training_outputs(x) -> dict[str, Tensor]   # e.g. {"logits": (N, C), "embeddings": (N, D)}
+
+The training code (``training.ModelWithLoss``) calls ``training_outputs`` instead of
+``forward`` while training, when the model has it, and hands the dict to the loss as its
+first argument: ``loss(outputs, labels)``. Models without it train as
+``loss(model(x), labels)``. Nothing else changes: evaluation never sees the dict.
+
 No pretrained weights can be downloaded in this project's environment, so the defaults
 train from scratch; torchvision's ``weights=`` (for example
 ``torchvision.models.ResNet18_Weights.DEFAULT``) passes through for those who have them.

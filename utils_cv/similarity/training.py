@@ -144,8 +144,11 @@ class DeviceDataLoader:
 class ModelWithLoss(nn.Module):
     """The embedding model and the loss in one module, so fastai optimizes both.
 
-    ``forward(images)`` returns the model's embeddings; the Learner's ``loss_func`` is
-    ``self.loss``. The model object is the caller's, trained in place.
+    ``forward(images)`` returns what the loss takes: in training mode
+    ``model.training_outputs(images)`` when the model defines it (a dict, see the model
+    contract in ``utils_cv.similarity.models``), else ``model(images)``, the embeddings.
+    The Learner's ``loss_func`` is ``self.loss``. The model object is the caller's, trained
+    in place.
     """
 
     def __init__(self, model: nn.Module, loss: nn.Module):
@@ -153,7 +156,9 @@ class ModelWithLoss(nn.Module):
         self.model = model
         self.loss = loss
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
+        if self.training and hasattr(self.model, "training_outputs"):
+            return self.model.training_outputs(images)
         return self.model(images)
 
 
@@ -188,6 +193,9 @@ class LossStatsCallback(Callback):
     Losses such as ``TripletLoss`` keep statistics of their last batch in a ``stats`` dict
     (the share of active triplets, mean positive and negative distances). fastai sees only
     the loss value; this callback averages every numeric entry over the epoch's batches.
+    A loss that combines others may nest their dicts: ``{"triplet": {"active_fraction":
+    0.4}, "softmax": 2.1}`` becomes "loss_triplet_active_fraction" and "loss_softmax".
+    Entries that are not numbers are ignored.
 
     Attributes:
         history: one dict per epoch: "epoch" and "loss_<name>" for each statistic.
@@ -207,8 +215,8 @@ class LossStatsCallback(Callback):
         stats = getattr(self.learn.loss_func, "stats", None)
         if not self.training or not stats:
             return
-        for name, value in stats.items():
-            self._sums[name] = self._sums.get(name, 0.0) + float(value)
+        for name, value in _flat_numbers(stats):
+            self._sums[name] = self._sums.get(name, 0.0) + value
         self._batches += 1
 
     def after_epoch(self):
@@ -216,6 +224,17 @@ class LossStatsCallback(Callback):
             means = {f"loss_{k}": v / self._batches for k, v in self._sums.items()}
             self.history.append({"epoch": self._epochs_done, **means})
         self._epochs_done += 1
+
+
+def _flat_numbers(stats: dict, prefix: str = "") -> Iterator[tuple[str, float]]:
+    """(name, value) for every number in a possibly nested dict; names joined with "_"."""
+    for key, value in stats.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            yield from _flat_numbers(value, prefix=f"{name}_")
+        elif isinstance(value, int | float | torch.Tensor) and not isinstance(value, bool):
+            if not isinstance(value, torch.Tensor) or value.numel() == 1:
+                yield name, float(value)
 
 
 class RetrievalCallback(Callback):
