@@ -284,3 +284,13 @@ def test_errors():
         nearest_neighbors(x, k=20)
     with pytest.raises(ValueError, match="dimension"):
         compute_distances(x, x[:, :3])
+
+
+def test_mean_distance_by_hand_and_its_limits():
+    from utils_cv.similarity.metrics import mean_distance
+
+    points = torch.tensor([[0.0, 0.0], [3.0, 4.0], [0.0, 4.0]])  # distances 5, 4 and 3
+    assert mean_distance(points) == pytest.approx(4.0)
+    assert mean_distance(points, max_points=2) == pytest.approx(5.0)
+    with pytest.raises(ValueError, match="at least two"):
+        mean_distance(points[:1])

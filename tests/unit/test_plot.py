@@ -389,3 +389,44 @@ def test_plot_distance_histograms_subsamples(needs_metrics):
 def test_plot_distance_histograms_needs_both_kinds_of_pairs(needs_metrics):
     with pytest.raises(ValueError, match="0 same-class"):
         plot.plot_distance_histograms(torch.randn(4, 2), torch.arange(4))
+
+
+def test_plot_histories_one_panel_per_key_one_line_per_run():
+    histories = {
+        "softmax": [{"epoch": e, "train_loss": 2.0 - e, "val_recall@1": 0.1 * e} for e in range(3)],
+        "triplet": [
+            {"epoch": e, "train_loss": 0.3, "loss_active_fraction": 0.5, "val_recall@1": 0.2}
+            for e in range(3)
+        ],
+    }
+    keys = {"train_loss": "loss", "loss_active_fraction": "active", "val_recall@1": "recall"}
+    fig = plot.plot_histories(histories, keys, log_scale=["train_loss"])
+    axes = fig.axes
+    assert [ax.get_title() for ax in axes] == ["loss", "active", "recall"]
+    assert [len(ax.lines) for ax in axes] == [2, 1, 2]  # softmax has no active share
+    assert axes[0].get_yscale() == "log" and axes[2].get_yscale() == "linear"
+    np.testing.assert_allclose(axes[0].lines[0].get_ydata(), [2.0, 1.0, 0.0])
+    with pytest.raises(ValueError, match="at least one"):
+        plot.plot_histories({}, keys)
+
+
+def test_plot_example_queries_shows_the_fixed_queries_with_class_names(needs_metrics):
+    from utils_cv.similarity.datasets import ImageData, example_queries
+
+    n = 8
+    data = ImageData(
+        images=make_images(n),
+        labels=torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]),
+        class_names=["apple", "pear", "fig", "kiwi"],
+        splits=["test"] * n,
+        domains=["a", "b"] * 4,
+        paths=[""] * n,
+    )
+    embeddings = torch.tensor([[float(label), 0.0] for label in [0, 0, 1, 1, 2, 2, 3, 3]])
+    fig = plot.plot_example_queries(data, embeddings, count=2, k=3, domain="a")
+    queries = example_queries(data, count=2, domain="a")
+    rows = [fig.axes[i * 4 : (i + 1) * 4] for i in range(2)]
+    for row, query in zip(rows, queries, strict=True):
+        assert tile_value(row[0]) == 20 * query
+        assert data.class_names[data.labels[query]] in row[0].get_title()
+        assert frame_color(row[1]) == GREEN  # its class partner comes first

@@ -120,3 +120,41 @@ def test_load_missing_and_corrupt(tmp_path):
     with pytest.raises(ValueError, match="not valid JSON"):
         record_metrics(tmp_path, {"a": 1})
     assert (tmp_path / "metrics.json").read_text() == "{broken"
+
+
+RUNS = [
+    {"method": "softmax", "seed": 0, "recall@1": 0.186, "map@r": 0.12},
+    {"method": "triplet", "seed": 0, "recall@1": 0.10, "map@r": 0.05},
+    {"method": "softmax", "seed": 1, "recall@1": 0.166, "map@r": 0.10},
+    {"method": "softmax", "seed": 2, "recall@1": 0.175, "map@r": 0.11},
+]
+
+
+def test_seed_summary_gives_mean_sample_std_and_each_seed_in_order():
+    summary = results.seed_summary(RUNS, ["recall@1", "map@r"])
+    assert list(summary) == ["softmax", "triplet"]
+    softmax = summary["softmax"]
+    assert softmax["recall@1"] == pytest.approx(0.1757, abs=1e-4)  # (0.186+0.166+0.175)/3
+    assert softmax["recall@1_std"] == pytest.approx(0.0100, abs=1e-4)  # ddof = 1
+    assert softmax["map@r"] == 0.11 and softmax["map@r_std"] == 0.01
+    assert softmax["recall@1_by_seed"] == [0.186, 0.166, 0.175]
+    # One run: a mean, no standard deviation.
+    assert summary["triplet"] == {"recall@1": 0.1, "map@r": 0.05, "recall@1_by_seed": [0.1]}
+
+
+def test_seed_table_shows_mean_plus_minus_std_and_the_seeds():
+    table = results.seed_table(RUNS, ["recall@1", "map@r"])
+    assert list(table.index) == ["softmax", "triplet"]
+    assert table.loc["softmax", "recall@1"] == "0.176 ± 0.010"
+    assert table.loc["softmax", "recall@1 by seed"] == "0.186 / 0.166 / 0.175"
+    assert table.loc["triplet", "map@r"] == "0.050"
+
+
+def test_rounded_reaches_into_dicts_lists_and_tensors():
+    value = {"a": 0.123456, "b": [1 / 3, 2], "c": {"d": torch.tensor(0.98765)}, "e": "x"}
+    assert results.rounded(value, digits=3) == {
+        "a": 0.123,
+        "b": [0.333, 2],
+        "c": {"d": 0.988},
+        "e": "x",
+    }

@@ -399,3 +399,18 @@ def _nmi(embeddings: torch.Tensor, labels: np.ndarray, metric: str, seed: int = 
     kmeans.train(x)
     _, clusters = kmeans.index.search(x, 1)
     return float(normalized_mutual_info_score(labels, clusters[:, 0], average_method="arithmetic"))
+
+
+def mean_distance(embeddings, max_points: int = 500) -> float:
+    """Mean Euclidean distance between the first ``max_points`` embeddings, all pairs.
+
+    A quick measure of how spread out an embedding is: random directions on the unit
+    sphere lie about sqrt(2) = 1.41 apart; a collapsed embedding gives nearly 0. The first
+    ``max_points`` keep it cheap (O(max_points^2)); pass len(embeddings) for all of them.
+
+    embeddings: (N, D) float with N >= 2.
+    """
+    x = _as_embeddings(embeddings, "embeddings")[:max_points].float()
+    if len(x) < 2:
+        raise ValueError(f"mean_distance needs at least two embeddings, got {len(x)}")
+    return torch.pdist(x).mean().item()

@@ -189,6 +189,20 @@ def plot_rank_examples(
     return fig
 
 
+def plot_example_queries(data, embeddings: Array, count: int = 4, k: int = 5, **kwargs) -> Figure:
+    """Rank plots of the fixed example queries (``example_queries``), captioned by class name.
+
+    The same queries appear in every notebook, so their rank plots can be compared from one
+    method to the next. ``data`` is an ``ImageData`` (the test split) and ``embeddings`` its
+    (N, D) embeddings; ``kwargs`` go to ``example_queries`` (``domain``).
+    """
+    from utils_cv.similarity.datasets import example_queries
+
+    names = [data.class_names[label] for label in data.labels.tolist()]
+    queries = example_queries(data, count=count, **kwargs)
+    return plot_rank_examples(data.images, data.labels, embeddings, queries, k=k, titles=names)
+
+
 def plot_distance_grid(
     images: Array,
     embeddings: Array,
@@ -414,6 +428,41 @@ def plot_training_curves(history: Sequence[Mapping[str, float]]) -> Figure:
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=TITLE_SIZE)
+    return fig
+
+
+def plot_histories(
+    histories: Mapping[str, Sequence[Mapping[str, float]]],
+    keys: Mapping[str, str],
+    log_scale: Sequence[str] = (),
+) -> Figure:
+    """Several runs' training histories side by side: one panel per key, one line per run.
+
+    Args:
+        histories: run name -> history (one dict per epoch with "epoch"), as ``Run.history``.
+        keys: history key -> panel title, e.g. ``{"train_loss": "training loss",
+            "val_recall@1": "validation Recall@1"}``. A run without a key is left out of
+            that panel (a softmax run has no share of active triplets).
+        log_scale: the keys whose panel gets a logarithmic y axis.
+    """
+    if not histories or not keys:
+        raise ValueError("pass at least one history and one key")
+    fig, axes = plt.subplots(
+        1, len(keys), figsize=(4.6 * len(keys), 3.4), squeeze=False, layout="constrained"
+    )
+    for ax, (key, title) in zip(axes[0], keys.items(), strict=True):
+        for name, history in histories.items():
+            points = [(e["epoch"], e[key]) for e in history if _is_number(e.get(key))]
+            if points:
+                ax.plot(*zip(*points, strict=True), label=name)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if key in log_scale:
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=TITLE_SIZE)
     return fig
 
 

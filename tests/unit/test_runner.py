@@ -1,0 +1,181 @@
+"""train_run: the same numbers as the steps it replaces, its phases, its record, its errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from fastai.learner import Learner
+
+from utils_cv.common.device import set_seed
+from utils_cv.similarity.losses import SoftmaxLoss, TripletLoss
+from utils_cv.similarity.metrics import retrieval_metrics
+from utils_cv.similarity.models import EmbeddingNet, embed
+from utils_cv.similarity.runner import train_run
+from utils_cv.similarity.samplers import ClassBalancedBatchSampler
+from utils_cv.similarity.training import get_history, make_learner, replace_loss
+
+from .test_training import NUM_CLASSES, stripes
+
+
+def small_model():
+    return EmbeddingNet("small_cnn", embedding_size=16)
+
+
+def triplet():
+    return TripletLoss(0.2, mining="batch_hard")
+
+
+def parameters(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in module.named_parameters()}
+
+
+def test_train_run_gives_exactly_what_the_steps_it_replaces_give():
+    train, val, test = stripes(0), stripes(1), stripes(2)
+    run = train_run(
+        small_model, triplet, train, val=val, test=test, epochs=3, lr=1e-2, seed=3,
+        classes_per_batch=4, samples_per_class=3, device="cpu",
+    )  # fmt: skip
+    # The same steps by hand, as notebook 01 wrote them before the runner existed.
+    set_seed(3)
+    model = small_model()
+    sampler = ClassBalancedBatchSampler(train.labels, 4, 3, seed=3)
+    learn = make_learner(
+        model, triplet(), train, val=val, batch_sampler=sampler, seed=3, device="cpu"
+    )
+    with learn.no_bar(), learn.no_logging():
+        learn.fit_one_cycle(3, 1e-2)
+    embeddings = embed(model, test.images)
+    assert torch.equal(run.embeddings, embeddings)
+    assert run.metrics == retrieval_metrics(embeddings, test.labels, ks=(1, 2, 4, 8))
+    assert run.history == get_history(learn)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(run.model.state_dict()[name], tensor), name
+
+
+def test_the_record_holds_the_best_validation_epoch_and_the_test_metrics():
+    run = train_run(
+        small_model,
+        lambda: SoftmaxLoss(16, NUM_CLASSES),
+        stripes(0),
+        val=stripes(1),
+        test=stripes(2),
+        epochs=4,
+        lr=1e-2,
+        batch_size=16,
+        ks=(1, 4),
+        device="cpu",
+    )
+    assert [entry["epoch"] for entry in run.history] == [0, 1, 2, 3]
+    scores = [entry["val_recall@1"] for entry in run.history]
+    assert run.best_score == max(scores) and scores[run.best_epoch] == max(scores)
+    assert set(run.metrics) >= {"recall@1", "recall@4", "map@r", "r_precision"}
+    assert run.embeddings.shape == (len(stripes(2)), 16) and run.seconds > 0
+    assert isinstance(run.learn, Learner) and isinstance(run.loss, SoftmaxLoss)
+
+
+def test_without_val_and_test_the_final_weights_are_kept_and_nothing_is_evaluated():
+    run = train_run(small_model, triplet, stripes(0), epochs=1, lr=1e-2, classes_per_batch=4,
+                    samples_per_class=2, device="cpu")  # fmt: skip
+    assert run.best_epoch is None and run.best_score is None
+    assert run.metrics == {} and run.embeddings is None
+
+
+def test_modules_are_used_as_given_and_builders_are_called_after_seeding():
+    model = small_model()
+    run = train_run(model, triplet, stripes(0), epochs=1, lr=1e-2, classes_per_batch=4,
+                    samples_per_class=2, device="cpu")  # fmt: skip
+    assert run.model is model
+    # A classifier loss built by the runner starts from the same weights for the same seed.
+    firsts = []
+    for _ in range(2):
+        run = train_run(small_model, lambda: SoftmaxLoss(16, NUM_CLASSES), stripes(0),
+                        epochs=1, lr=0.0, batch_size=16, seed=5, device="cpu")  # fmt: skip
+        firsts.append(run.loss.classifier.weight.detach().clone())
+    assert torch.equal(*firsts)
+
+
+def test_the_warmup_loss_trains_first_and_the_main_loss_after(monkeypatch):
+    calls = []
+    original = replace_loss
+
+    def spy(learn, loss):
+        calls.append((len(get_history(learn)), loss.mining))
+        original(learn, loss)
+
+    monkeypatch.setattr("utils_cv.similarity.runner.replace_loss", spy)
+    run = train_run(
+        small_model, triplet, stripes(0), val=stripes(1), epochs=5, lr=1e-2,
+        warmup_loss=lambda: TripletLoss(0.2, mining="batch_all"), warmup_epochs=2,
+        classes_per_batch=4, samples_per_class=3, device="cpu",
+    )  # fmt: skip
+    assert calls == [(2, "batch_hard")]  # switched after the two warm-up epochs
+    assert len(run.history) == 5 and run.learn.loss_func is run.loss
+
+
+def test_a_warmup_before_a_loss_with_parameters_lets_the_optimizer_see_them():
+    run = train_run(
+        small_model, lambda: SoftmaxLoss(16, NUM_CLASSES), stripes(0), epochs=2, lr=1e-2,
+        warmup_loss=triplet, warmup_epochs=1, classes_per_batch=4, samples_per_class=3,
+        device="cpu",
+    )  # fmt: skip
+    optimized = {id(p) for group in run.learn.opt.param_lists for p in group}
+    assert all(id(p) in optimized for p in run.loss.parameters())
+
+
+def test_frozen_epochs_train_only_what_lies_outside_the_backbone(monkeypatch):
+    # Skip the one-cycle phase: what changes is what the frozen phase trained.
+    monkeypatch.setattr(Learner, "fit_one_cycle", lambda self, *args, **kwargs: None)
+    model = small_model()
+    loss = SoftmaxLoss(16, NUM_CLASSES)
+    before = parameters(model) | {f"loss.{k}": v for k, v in parameters(loss).items()}
+    train_run(model, loss, stripes(0), epochs=2, lr=1e-2, frozen_epochs=1, batch_size=16,
+              device="cpu")  # fmt: skip
+    after = parameters(model) | {f"loss.{k}": v for k, v in parameters(loss).items()}
+    for name in before:
+        changed = not torch.equal(before[name], after[name])
+        assert changed == (not name.startswith("backbone.")), name
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_per_group_learning_rates_reach_model_and_loss():
+    model, loss = small_model(), SoftmaxLoss(16, NUM_CLASSES)
+    model_before, loss_before = parameters(model), parameters(loss)
+    train_run(model, loss, stripes(0), epochs=1, lr=(0.0, 1e-2), batch_size=16, device="cpu")
+    assert all(torch.equal(model_before[k], v) for k, v in parameters(model).items())
+    assert not any(torch.equal(loss_before[k], v) for k, v in parameters(loss).items())
+
+
+@pytest.mark.parametrize(
+    "kwargs, pattern",
+    [
+        ({"epochs": 0}, "leave none of the epochs=0"),
+        ({"epochs": 2, "frozen_epochs": 1, "warmup_epochs": 1, "warmup_loss": triplet},
+         "leave none"),
+        ({"epochs": 2, "warmup_epochs": 1}, "warmup_loss and warmup_epochs go together"),
+        ({"epochs": 2, "warmup_loss": triplet}, "go together"),
+        ({"epochs": 2, "classes_per_batch": 4}, "both classes_per_batch and samples_per_class"),
+        ({"epochs": -1}, "epochs=-1 must be a non-negative integer"),
+        ({"epochs": 2.5}, "must be a non-negative integer"),
+    ],
+)  # fmt: skip
+def test_errors_name_the_fix(kwargs, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        train_run(small_model, triplet, stripes(0), lr=1e-2, device="cpu", **kwargs)
+
+
+def test_frozen_epochs_need_a_backbone():
+    class Plain(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(3, 4)
+
+        def forward(self, x):
+            return self.linear(x.mean(dim=(2, 3)))
+
+    with pytest.raises(ValueError, match="needs a model with a .backbone.*Plain"):
+        train_run(Plain, triplet, stripes(0), epochs=2, frozen_epochs=1, lr=1e-2, device="cpu")
+
+
+def test_a_builder_must_build_a_module():
+    with pytest.raises(TypeError, match="returned int"):
+        train_run(lambda: 3, triplet, stripes(0), epochs=1, lr=1e-2, device="cpu")

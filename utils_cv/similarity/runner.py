@@ -1,0 +1,216 @@
+"""One training run, done the same way in every notebook: seed, build, train, choose, evaluate.
+
+``train_run`` is the only place where a notebook's model is trained. It seeds first and
+then builds the model and the loss (pass functions that build them, so the initialization
+repeats with the seed), makes class-balanced batches when asked, trains with fastai's
+one-cycle schedule, keeps the epoch with the best Recall@1 on the *validation* classes,
+and evaluates once on the test classes. The result is a small record, ``Run``.
+
+>>> run = train_run(  # doctest: +SKIP
+...     lambda: EmbeddingNet("small_cnn", embedding_size=128),
+...     lambda: TripletLoss(0.2, mining="semi_hard"),
+...     train, val=val, test=test, epochs=25, lr=1e-2, seed=0,
+...     classes_per_batch=16, samples_per_class=4,
+... )
+>>> run.metrics["recall@1"], run.best_epoch, run.seconds  # doctest: +SKIP
+
+The phases of one run, in order, ``epochs`` in all:
+
+1. ``frozen_epochs`` (NormSoftmax's warm-up): only the new parameters train (the loss's
+   class weights or proxies, and everything in the model outside ``model.backbone``),
+   at a constant learning rate;
+2. ``warmup_epochs`` with ``warmup_loss`` (for example batch-all before batch-hard), one
+   one-cycle schedule;
+3. the remaining epochs with ``loss``, one one-cycle schedule.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from fastai.learner import Learner
+from torch import nn
+
+from utils_cv.common.device import set_seed
+from utils_cv.similarity.datasets import ImageData
+from utils_cv.similarity.metrics import retrieval_metrics
+from utils_cv.similarity.models import embed
+from utils_cv.similarity.samplers import ClassBalancedBatchSampler
+from utils_cv.similarity.training import (
+    RetrievalCallback,
+    get_history,
+    make_learner,
+    replace_loss,
+)
+
+ModuleOrBuilder = nn.Module | Callable[[], nn.Module]
+
+
+@dataclass
+class Run:
+    """What one training run leaves behind.
+
+    model, loss: trained in place; the model holds the weights of the best validation epoch
+        (the final weights when there was no ``val``).
+    history: one dict per epoch ("epoch", "train_loss", "val_recall@K", "loss_<stat>", ...).
+    best_epoch, best_score: the kept epoch and its validation Recall@K (first K of ``ks``);
+        None without ``val``.
+    seconds: wall time of the training, evaluation excluded.
+    metrics: ``retrieval_metrics`` on the test data ({} without ``test``).
+    embeddings: (N, D) test embeddings on the CPU (None without ``test``).
+    learn: the fastai Learner, to train on or inspect.
+    """
+
+    model: nn.Module
+    loss: nn.Module
+    history: list[dict[str, float]]
+    best_epoch: int | None
+    best_score: float | None
+    seconds: float
+    metrics: dict[str, float] = field(default_factory=dict)
+    embeddings: torch.Tensor | None = None
+    learn: Learner | None = None
+
+
+def train_run(
+    model: ModuleOrBuilder,
+    loss: ModuleOrBuilder,
+    train: ImageData,
+    *,
+    epochs: int,
+    lr: float | Sequence[float],
+    val: ImageData | None = None,
+    test: ImageData | None = None,
+    seed: int = 0,
+    batch_size: int = 64,
+    classes_per_batch: int | None = None,
+    samples_per_class: int | None = None,
+    frozen_epochs: int = 0,
+    warmup_loss: ModuleOrBuilder | None = None,
+    warmup_epochs: int = 0,
+    ks: Sequence[int] = (1, 2, 4, 8),
+    nmi: bool = False,
+    progress: bool = False,
+    **learner_kwargs,
+) -> Run:
+    """Train one configuration and evaluate it; see the module docstring for the phases.
+
+    Args:
+        model: the embedding model, or a function that builds it (called after seeding).
+            Trained in place.
+        loss: the loss, or a function that builds it (called after the model).
+        train: training images; relabeled to 0..C-1 inside, so a classifier loss needs
+            ``num_classes=train.num_classes``.
+        epochs: all epochs of the run, every phase included.
+        lr: the peak learning rate, or (model, loss) rates for the two parameter groups.
+        val: validation classes; the best epoch by Recall@``ks[0]`` on them is kept.
+        test: test classes, embedded and evaluated once at the end.
+        seed: seeds the initialization, the batches and the augmentation.
+        batch_size: images per batch for random batches (ignored with P x K batches).
+        classes_per_batch, samples_per_class: both given: class-balanced P x K batches
+            (``ClassBalancedBatchSampler``); both None: random batches of ``batch_size``.
+        frozen_epochs: epochs that train only what lies outside ``model.backbone``.
+        warmup_loss, warmup_epochs: another loss for the first epochs after the frozen ones.
+        ks: the K of Recall@K for the test metrics; ``ks[0]`` also picks the best epoch.
+        nmi: also compute NMI on the test data (k-means; slower).
+        progress: show fastai's progress bars and epoch table.
+        **learner_kwargs: passed to ``make_learner`` (``augment``, ``opt_func``, ``wd``,
+            ``mixed_precision``, ``checkpoint_path``, ``device``, ...).
+    """
+    phases = {"epochs": epochs, "frozen_epochs": frozen_epochs, "warmup_epochs": warmup_epochs}
+    for name, value in phases.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"{name}={value!r} must be a non-negative integer")
+    if frozen_epochs + warmup_epochs >= epochs:
+        raise ValueError(
+            f"frozen_epochs={frozen_epochs} + warmup_epochs={warmup_epochs} leave none of the "
+            f"epochs={epochs} for the loss itself; raise epochs or shorten the warm-ups"
+        )
+    if (warmup_loss is None) != (warmup_epochs == 0):
+        raise ValueError("warmup_loss and warmup_epochs go together: give both or neither")
+    if (classes_per_batch is None) != (samples_per_class is None):
+        raise ValueError(
+            "give both classes_per_batch and samples_per_class for P x K batches, or neither "
+            "for random batches"
+        )
+    set_seed(seed)
+    model = _build(model)
+    loss = _build(loss)
+    first_loss = loss if warmup_loss is None else _build(warmup_loss)
+    if frozen_epochs and not isinstance(getattr(model, "backbone", None), nn.Module):
+        raise ValueError(
+            f"frozen_epochs={frozen_epochs} needs a model with a .backbone to freeze; "
+            f"{type(model).__name__} has none"
+        )
+    sampler = None
+    if classes_per_batch is not None:
+        sampler = ClassBalancedBatchSampler(
+            train.labels, classes_per_batch, samples_per_class, seed=seed
+        )
+    learn = make_learner(
+        model,
+        first_loss,
+        train,
+        val=val,
+        batch_size=batch_size,
+        batch_sampler=sampler,
+        seed=seed,
+        ks=(ks[0],),
+        **learner_kwargs,
+    )
+    lr = lr if isinstance(lr, int | float) else np.array(lr, dtype=float)
+    quiet = contextlib.ExitStack()
+    if not progress:
+        quiet.enter_context(learn.no_bar())
+        quiet.enter_context(learn.no_logging())
+    start = time.perf_counter()
+    with quiet:
+        if frozen_epochs:
+            _set_trainable(model.backbone, False)
+            try:
+                learn.fit(frozen_epochs, lr)
+            finally:
+                _set_trainable(model.backbone, True)
+        if warmup_epochs:
+            learn.fit_one_cycle(warmup_epochs, lr)
+            replace_loss(learn, loss)
+            if any(True for _ in loss.parameters()):
+                learn.create_opt()  # the optimizer must see the new loss's parameters
+        learn.fit_one_cycle(epochs - frozen_epochs - warmup_epochs, lr)
+    seconds = time.perf_counter() - start
+
+    retrieval = next((cb for cb in learn.cbs if isinstance(cb, RetrievalCallback)), None)
+    run = Run(
+        model=model,
+        loss=loss,
+        history=get_history(learn),
+        best_epoch=None if retrieval is None else retrieval.best_epoch,
+        best_score=None if retrieval is None else retrieval.best_score,
+        seconds=seconds,
+        learn=learn,
+    )
+    if test is not None:
+        run.embeddings = embed(model, test.images)
+        run.metrics = retrieval_metrics(run.embeddings, test.labels, ks=tuple(ks), nmi=nmi)
+    return run
+
+
+def _build(module: ModuleOrBuilder) -> nn.Module:
+    if isinstance(module, nn.Module):
+        return module
+    if not callable(module):
+        raise TypeError(f"expected an nn.Module or a function that builds one, got {module!r}")
+    built = module()
+    if not isinstance(built, nn.Module):
+        raise TypeError(f"the builder returned {type(built).__name__}, not an nn.Module")
+    return built
+
+
+def _set_trainable(module: nn.Module, trainable: bool) -> None:
+    for parameter in module.parameters():
+        parameter.requires_grad_(trainable)
