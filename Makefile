@@ -44,15 +44,22 @@ sysdeps:
 	  fi; \
 	fi
 
+# Each notebook's wall time goes to outputs/<notebook>/wall_seconds; at the end (or at the
+# first failure) outputs/summary.md tables every notebook's key numbers and time.
 run: env
 	@mkdir -p $(OUTPUTS)
 	@for nb in $(NOTEBOOKS); do \
 	  name=$$(basename $$nb .ipynb); \
 	  echo "== $$name (PRESET=$(PRESET))"; mkdir -p $(OUTPUTS)/$$name; \
-	  rm -f $(OUTPUTS)/$$name/metrics.json; \
+	  rm -f $(OUTPUTS)/$$name/metrics.json $(OUTPUTS)/$$name/wall_seconds; \
+	  start=$$(date +%s); \
 	  $(BIN)/papermill --cwd notebooks $$nb $(OUTPUTS)/$$name/$$name.ipynb \
-	    -p PRESET $(PRESET) -p OUTPUT_DIR $(CURDIR)/$(OUTPUTS)/$$name || exit 1; \
+	    -p PRESET $(PRESET) -p OUTPUT_DIR $(CURDIR)/$(OUTPUTS)/$$name \
+	    || { $(BIN)/python -m utils_cv.common.summary $(OUTPUTS) >/dev/null; exit 1; }; \
+	  seconds=$$(( $$(date +%s) - start )); echo $$seconds > $(OUTPUTS)/$$name/wall_seconds; \
+	  echo "== $$name took $$seconds s"; \
 	done
+	@$(BIN)/python -m utils_cv.common.summary $(OUTPUTS)
 	@echo "Executed notebooks and metrics.json files are under $(OUTPUTS)/"
 
 lint: env

@@ -17,19 +17,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 import warnings
+from functools import partial
 from pathlib import Path
 
-import torch
-
-from utils_cv.common.device import set_seed
 from utils_cv.similarity.datasets import load_emoji
 from utils_cv.similarity.losses import TripletLoss
-from utils_cv.similarity.metrics import retrieval_metrics
-from utils_cv.similarity.models import EmbeddingNet, embed
-from utils_cv.similarity.samplers import ClassBalancedBatchSampler
-from utils_cv.similarity.training import get_history, make_learner, replace_loss
+from utils_cv.similarity.metrics import mean_distance, retrieval_metrics
+from utils_cv.similarity.models import EmbeddingNet
+from utils_cv.similarity.runner import train_run
 
 EPOCHS, LR, MARGIN = 25, 1e-2, 0.2
 
@@ -52,52 +48,51 @@ VARIANTS: dict[str, dict] = {
 
 def run(name: str, data_dir: str) -> dict:
     settings = VARIANTS[name]
-    lr = settings.get("lr", LR)
     data = load_emoji(data_dir, image_size=40)
     train, val, test = data.split("train").relabel(), data.split("val"), data.split("test")
-    set_seed(0)
-    model = EmbeddingNet(
-        "small_cnn", embedding_size=128, layer_norm=settings.get("layer_norm", False)
-    )
-    loss = TripletLoss(
+    loss = partial(
+        TripletLoss,
         MARGIN,
         mining=settings.get("mining", "batch_hard"),
         soft_margin=settings.get("soft_margin", False),
     )
     warmup_epochs = settings.get("warmup_epochs", 0)
-    first_loss = TripletLoss(MARGIN, mining="batch_all") if warmup_epochs else loss
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the sampler's note on classes with < 4 images
-        sampler = ClassBalancedBatchSampler(train.labels, 16, 4, seed=0)
-    extra = {"wd": settings["wd"]} if "wd" in settings else {}
-    learn = make_learner(
-        model, first_loss, train, val=val, batch_size=64, batch_sampler=sampler, seed=0, **extra
-    )
-    start = time.perf_counter()
-    with learn.no_bar(), learn.no_logging():
-        if warmup_epochs:
-            # the warm-up keeps the notebook's learning rate; batch-hard then gets `lr`
-            learn.fit_one_cycle(warmup_epochs, LR)
-            replace_loss(learn, loss)
-        learn.fit_one_cycle(EPOCHS - warmup_epochs, lr)
-    seconds = time.perf_counter() - start
-    history = get_history(learn)
-    embeddings = embed(model, test.images)
-
-    def recall_at_1(x: torch.Tensor) -> float:
-        return retrieval_metrics(x, test.labels, ks=(1,))["recall@1"]
-
+        result = train_run(
+            lambda: EmbeddingNet(
+                "small_cnn", embedding_size=128, layer_norm=settings.get("layer_norm", False)
+            ),
+            loss,
+            train,
+            val=val,
+            test=test,
+            epochs=EPOCHS,
+            lr=settings.get("lr", LR),
+            warmup_lr=LR,  # the warm-up keeps the notebook's rate; batch-hard then gets `lr`
+            seed=0,
+            classes_per_batch=16,
+            samples_per_class=4,
+            warmup_loss=partial(TripletLoss, MARGIN, mining="batch_all") if warmup_epochs else None,
+            warmup_epochs=warmup_epochs,
+            ks=(1,),
+            **({"wd": settings["wd"]} if "wd" in settings else {}),
+        )
+    history, embeddings = result.history, result.embeddings
+    rounded_embeddings = embeddings.bfloat16().float()
     return {
         "variant": name,
         **settings,
-        "recall@1": round(recall_at_1(embeddings), 3),
-        "recall@1_bf16": round(recall_at_1(embeddings.bfloat16().float()), 3),
-        "mean_test_distance": round(torch.pdist(embeddings[:500]).mean().item(), 4),
-        "best_val_recall@1": round(max(h["val_recall@1"] for h in history), 3),
+        "recall@1": round(result.metrics["recall@1"], 3),
+        "recall@1_bf16": round(
+            retrieval_metrics(rounded_embeddings, test.labels, ks=(1,))["recall@1"], 3
+        ),
+        "mean_test_distance": round(mean_distance(embeddings), 4),
+        "best_val_recall@1": round(result.best_score, 3),
         "final_train_loss": round(history[-1]["train_loss"], 3),
         "train_loss_by_epoch": [round(h["train_loss"], 3) for h in history],
         "mean_pos_distance_by_epoch": [round(h["loss_mean_pos_distance"], 3) for h in history],
-        "seconds": round(seconds),
+        "seconds": round(result.seconds),
     }
 
 

@@ -22,6 +22,7 @@ EXPECTED_KEYS = {
         "softmax_openmoji_to_noto/recall@1",
         "training/final_train_loss",
         "training/best_val_recall@1",
+        "summary/softmax recall@1",
     ],
     "01_triplet_baseline": [
         "preset",
@@ -34,7 +35,7 @@ EXPECTED_KEYS = {
         "methods/batch_hard/recall@1_std",
         "methods/softmax/map@r_std",
         "collapse/batch_hard/mean_test_distance",
-        "collapse/batch_hard/final_active_share",
+        "collapse/batch_hard/final_active_fraction",
         "collapse/batch_hard/recall@1_bf16",
         "collapse/batch_hard_soft/recall@1",
         "collapse/batch_all_then_hard/mean_test_distance",
@@ -44,6 +45,7 @@ EXPECTED_KEYS = {
         "history/batch_all/final_active_fraction",
         "history/batch_hard/final_train_loss",
         "best_on_validation",
+        "summary/batch_hard recall@1",
     ],
 }
 

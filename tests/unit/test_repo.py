@@ -1,4 +1,9 @@
-"""The repository's own rules: dependencies agree, notebooks are stored clean."""
+"""The repository's own rules: dependencies agree, notebooks are stored clean.
+
+The lesson notebooks (``notebooks/NN_*.ipynb``) are stored without outputs. The one
+exception is ``notebooks/recipes.ipynb``: stored with its outputs, which nbval checks in
+``make test``, and marked ``"keep_output": true`` so nbstripout leaves them.
+"""
 
 from __future__ import annotations
 
@@ -82,3 +87,15 @@ def test_parameters_cell_holds_plain_literals(path):
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_is_in_readme_table(path):
     assert f"notebooks/{path.name}" in (ROOT / "README.md").read_text()
+
+
+def test_recipes_notebook_keeps_its_outputs_and_is_checked_by_nbval():
+    path = ROOT / "notebooks" / "recipes.ipynb"
+    notebook = json.loads(path.read_text())
+    assert notebook["metadata"].get("keep_output") is True, "nbstripout would strip it"
+    assert notebook["metadata"]["kernelspec"]["name"] == "python3"
+    code = [cell for cell in notebook["cells"] if cell["cell_type"] == "code"]
+    without = [i for i, cell in enumerate(code[1:], start=1) if not cell["outputs"]]
+    assert not without, f"recipe cells {without} have no stored output: re-run and save it"
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]
+    assert "notebooks/recipes.ipynb" in config["testpaths"] and "--nbval" in config["addopts"]

@@ -179,3 +179,18 @@ def test_frozen_epochs_need_a_backbone():
 def test_a_builder_must_build_a_module():
     with pytest.raises(TypeError, match="returned int"):
         train_run(lambda: 3, triplet, stripes(0), epochs=1, lr=1e-2, device="cpu")
+
+
+def test_the_warmups_can_have_their_own_learning_rate(monkeypatch):
+    rates = []
+    monkeypatch.setattr(Learner, "fit", lambda self, n, lr, **kw: rates.append(("fit", n, lr)))
+    monkeypatch.setattr(
+        Learner, "fit_one_cycle", lambda self, n, lr, **kw: rates.append(("cycle", n, lr))
+    )
+    train_run(  # with val, so that the history comes from the (empty) retrieval callback
+        small_model, triplet, stripes(0), val=stripes(1), epochs=6, lr=1e-3, warmup_lr=1e-2,
+        frozen_epochs=1,
+        warmup_loss=lambda: TripletLoss(0.2, mining="batch_all"), warmup_epochs=2,
+        classes_per_batch=4, samples_per_class=3, device="cpu",
+    )  # fmt: skip
+    assert rates == [("fit", 1, 1e-2), ("cycle", 2, 1e-2), ("cycle", 3, 1e-3)]

@@ -51,14 +51,40 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+# The cures notebook 01 knows for batch-hard collapse (its CURES parameter picks from these).
+TRIPLET_CURES = ("batch_hard_soft", "batch_all_then_hard", "batch_hard_low_lr")
+
 # What a notebook changes or adds to the shared presets, by notebook and preset name.
 NOTEBOOK_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "01_triplet_baseline": {
-        # Two seeds, so that the tests run the mean ± std code the GPU preset's three use.
-        "smoke": {"classes_per_batch": 8, "samples_per_class": 4, "margin": 0.2, "seeds": [0, 1]},
-        # Several trainings in one notebook: a shorter budget each keeps it to minutes.
-        "cpu": {"epochs": 25, "classes_per_batch": 16, "samples_per_class": 4, "margin": 0.2},
-        "gpu": {"classes_per_batch": 32, "samples_per_class": 4, "margin": 0.2},
+        # Two seeds, so that the tests run the mean ± std code the GPU preset's three use;
+        # every cure and the sweep, so that the tests run their code too.
+        "smoke": {
+            "classes_per_batch": 8,
+            "samples_per_class": 4,
+            "margin": 0.2,
+            "seeds": [0, 1],
+            "cures": list(TRIPLET_CURES),
+            "sweep_margins": [0.05, 0.2, 0.5],
+        },
+        # Five trainings within the 10-minute budget on 2 slow cores: 32 px and 15 epochs
+        # each (about 30 s on an idle machine of this repository's CI), one cure, no sweep.
+        "cpu": {
+            "image_size": 32,
+            "epochs": 15,
+            "classes_per_batch": 16,
+            "samples_per_class": 4,
+            "margin": 0.2,
+            "cures": ["batch_hard_low_lr"],
+            "sweep_margins": [],
+        },
+        "gpu": {
+            "classes_per_batch": 32,
+            "samples_per_class": 4,
+            "margin": 0.2,
+            "cures": list(TRIPLET_CURES),
+            "sweep_margins": [0.05, 0.2, 0.5],
+        },
     },
 }
 
@@ -102,9 +128,12 @@ def _check_override(key: str, value: Any, default: Any) -> None:
         return
     if isinstance(default, list):
         kind = type(default[0]) if default else object
-        ok = isinstance(value, (list, tuple)) and len(value) > 0
+        # Only seeds must not be empty: an empty list of sweep values skips the sweep.
+        ok = isinstance(value, (list, tuple)) and (len(value) > 0 or key != "seeds")
         ok = ok and all(isinstance(v, kind) and not isinstance(v, bool) for v in value)
-        expected = f"a non-empty list of {_NAMES.get(kind, ('', kind.__name__))[1]}"
+        expected = f"a list of {_NAMES.get(kind, ('', kind.__name__))[1]}"
+        if key == "seeds":
+            expected = "a non-empty list of integers"
     elif isinstance(default, float):
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         expected = "a number"

@@ -20,7 +20,7 @@ The phases of one run, in order, ``epochs`` in all:
    class weights or proxies, and everything in the model outside ``model.backbone``),
    at a constant learning rate;
 2. ``warmup_epochs`` with ``warmup_loss`` (for example batch-all before batch-hard), one
-   one-cycle schedule;
+   one-cycle schedule (both warm-ups at ``warmup_lr``, by default ``lr``);
 3. the remaining epochs with ``loss``, one one-cycle schedule.
 """
 
@@ -93,6 +93,7 @@ def train_run(
     frozen_epochs: int = 0,
     warmup_loss: ModuleOrBuilder | None = None,
     warmup_epochs: int = 0,
+    warmup_lr: float | Sequence[float] | None = None,
     ks: Sequence[int] = (1, 2, 4, 8),
     nmi: bool = False,
     progress: bool = False,
@@ -116,6 +117,7 @@ def train_run(
             (``ClassBalancedBatchSampler``); both None: random batches of ``batch_size``.
         frozen_epochs: epochs that train only what lies outside ``model.backbone``.
         warmup_loss, warmup_epochs: another loss for the first epochs after the frozen ones.
+        warmup_lr: the learning rate of both warm-ups; None: ``lr``.
         ks: the K of Recall@K for the test metrics; ``ks[0]`` also picks the best epoch.
         nmi: also compute NMI on the test data (k-means; slower).
         progress: show fastai's progress bars and epoch table.
@@ -163,7 +165,8 @@ def train_run(
         ks=(ks[0],),
         **learner_kwargs,
     )
-    lr = lr if isinstance(lr, int | float) else np.array(lr, dtype=float)
+    lr = _rates(lr)
+    warmup_lr = lr if warmup_lr is None else _rates(warmup_lr)
     quiet = contextlib.ExitStack()
     if not progress:
         quiet.enter_context(learn.no_bar())
@@ -173,11 +176,11 @@ def train_run(
         if frozen_epochs:
             _set_trainable(model.backbone, False)
             try:
-                learn.fit(frozen_epochs, lr)
+                learn.fit(frozen_epochs, warmup_lr)
             finally:
                 _set_trainable(model.backbone, True)
         if warmup_epochs:
-            learn.fit_one_cycle(warmup_epochs, lr)
+            learn.fit_one_cycle(warmup_epochs, warmup_lr)
             replace_loss(learn, loss)
             if any(True for _ in loss.parameters()):
                 learn.create_opt()  # the optimizer must see the new loss's parameters
@@ -198,6 +201,11 @@ def train_run(
         run.embeddings = embed(model, test.images)
         run.metrics = retrieval_metrics(run.embeddings, test.labels, ks=tuple(ks), nmi=nmi)
     return run
+
+
+def _rates(lr: float | Sequence[float]) -> float | np.ndarray:
+    """One rate for every parameter group, or an array of one per group (model, loss)."""
+    return lr if isinstance(lr, int | float) else np.array(lr, dtype=float)
 
 
 def _build(module: ModuleOrBuilder) -> nn.Module:
