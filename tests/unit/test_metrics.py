@@ -62,16 +62,16 @@ def test_hand_computed_example():
     )
 
 
-def test_hand_computed_query_gallery():
+def test_hand_computed_query_against_reference():
     # Gallery: 0 A, 2 B, 5 A, 9 C. Queries, neighbours nearest first:
     #   2.9 A (R=2): 2 B, 5 A, 0 A   recall@1 0, @2 1; R-prec 1/2; MAP@R (1/2)/2 = 1/4
     #   6   B (R=1): 5 A, 9 C, 2 B   recall@4 only;   R-prec 0;   MAP@R 0
     #   9   C (R=1): 9 C at distance 0 (not excluded: it is another image)  all 1
-    #   3   D: no D in the gallery, skipped
-    gallery = np.array([0.0, 2, 5, 9])[:, None]
+    #   3   D: no D in the reference, skipped
+    reference = np.array([0.0, 2, 5, 9])[:, None]
     query = np.array([2.9, 6, 9, 3])[:, None]
     result = retrieval_metrics(
-        query, list("ABCD"), ks=(1, 2, 4), reference=gallery, reference_labels=list("ABAC")
+        query, list("ABCD"), ks=(1, 2, 4), reference=reference, reference_labels=list("ABAC")
     )
     assert result == pytest.approx(
         {
@@ -146,13 +146,13 @@ def test_matches_pytorch_metric_learning(metric, unit):
     assert ours["map@r"] == pytest.approx(pml["mean_average_precision_at_r"], abs=1e-6)
 
 
-def test_query_gallery_matches_pytorch_metric_learning():
+def test_query_against_reference_matches_pytorch_metric_learning():
     x, labels = clustered(num_points=600, seed=1)
-    query, gallery = x[:200], x[200:]
+    query, reference = x[:200], x[200:]
     ours = retrieval_metrics(
-        query, labels[:200], ks=(1,), reference=gallery, reference_labels=labels[200:]
+        query, labels[:200], ks=(1,), reference=reference, reference_labels=labels[200:]
     )
-    pml = pml_accuracy(query, labels[:200], gallery, labels[200:])
+    pml = pml_accuracy(query, labels[:200], reference, labels[200:])
     assert ours["recall@1"] == pytest.approx(pml["precision_at_1"], abs=1e-6)
     assert ours["r_precision"] == pytest.approx(pml["r_precision"], abs=1e-6)
     assert ours["map@r"] == pytest.approx(pml["mean_average_precision_at_r"], abs=1e-6)

@@ -430,3 +430,26 @@ def test_plot_example_queries_shows_the_fixed_queries_with_class_names(needs_met
         assert tile_value(row[0]) == 20 * query
         assert data.class_names[data.labels[query]] in row[0].get_title()
         assert frame_color(row[1]) == GREEN  # its class partner comes first
+
+
+def test_plot_distance_panels_one_histogram_pair_per_embedding(needs_metrics):
+    labels = torch.tensor([0, 0, 1, 1])
+    spread = torch.tensor([[0.0, 0.0], [0.1, 0.0], [3.0, 4.0], [3.1, 4.0]])
+    fig = plot.plot_distance_panels({"spread": spread, "shrunk": spread / 100}, labels)
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles[0].startswith("spread (mean 3.3") and titles[1].startswith("shrunk (mean 0.03")
+    with pytest.raises(ValueError, match="empty"):
+        plot.plot_distance_panels({}, labels)
+
+
+def test_plot_mining_choices_points_at_the_right_neighbours():
+    # Anchor 0 at the origin; its class mate 1 at distance 2, negatives at 1 and 3.
+    points = torch.tensor([[0.0, 0.0], [2.0, 0.0], [0.0, 1.0], [0.0, 3.0]])
+    labels = torch.tensor([0, 0, 1, 1])
+    fig = plot.plot_mining_choices(points, labels, anchor=0)
+    arrows = {t.get_text(): tuple(t.xy) for t in fig.axes[0].texts if t.get_text()}
+    assert arrows["hardest positive"] == (2.0, 0.0)
+    assert arrows["hardest negative"] == (0.0, 1.0)
+    assert arrows["semi-hard negative\n(for the hardest positive)"] == (0.0, 3.0)
+    with pytest.raises(ValueError, match="needs a positive"):
+        plot.plot_mining_choices(points, torch.tensor([0, 1, 1, 1]), anchor=0)

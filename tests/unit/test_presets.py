@@ -72,3 +72,17 @@ def test_an_override_of_the_wrong_type_is_refused_with_the_fix(override, message
 def test_overrides_of_the_right_type_are_accepted():
     config = preset_config("cpu", seeds=(3, 4), lr=1, epochs=5, max_classes=50)
     assert config["seeds"] == (3, 4) and config["lr"] == 1 and config["max_classes"] == 50
+
+
+def test_cures_must_be_known():
+    config = preset_config("cpu", notebook="01_triplet_baseline", cures=["batch_hard_soft"])
+    assert config["cures"] == ["batch_hard_soft"]
+    with pytest.raises(ValueError, match=r"CURES names unknown \['aspirin'\]; choose from"):
+        preset_config("cpu", notebook="01_triplet_baseline", cures=["aspirin"])
+
+
+def test_an_empty_sweep_is_allowed_but_empty_seeds_are_not():
+    assert (
+        preset_config("gpu", notebook="01_triplet_baseline", sweep_margins=[])["sweep_margins"]
+        == []
+    )

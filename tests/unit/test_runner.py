@@ -194,3 +194,14 @@ def test_the_warmups_can_have_their_own_learning_rate(monkeypatch):
         classes_per_batch=4, samples_per_class=3, device="cpu",
     )  # fmt: skip
     assert rates == [("fit", 1, 1e-2), ("cycle", 2, 1e-2), ("cycle", 3, 1e-3)]
+
+
+def test_the_summary_names_the_kept_epoch_and_the_last_one():
+    run = train_run(small_model, triplet, stripes(0), val=stripes(1), epochs=2, lr=1e-2,
+                    classes_per_batch=4, samples_per_class=3, ks=(2,), device="cpu")  # fmt: skip
+    summary = run.summary()
+    assert summary["best_epoch"] == run.best_epoch
+    assert summary["best_val_recall@2"] == run.best_score
+    assert summary["final_train_loss"] == run.history[-1]["train_loss"]
+    assert summary["final_active_fraction"] == run.history[-1]["loss_active_fraction"]
+    assert summary["seconds"] == round(run.seconds, 1)

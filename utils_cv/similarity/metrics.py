@@ -282,9 +282,9 @@ def retrieval_metrics(
         embeddings: (N, D) float, torch tensor or numpy array: the queries.
         labels: (N,) class of each query (any integers or strings).
         ks: the K of Recall@K; CUB/Cars report (1, 2, 4, 8), SOP (1, 10, 100, 1000).
-        reference, reference_labels: (M, D) and (M,): a separate gallery (In-Shop style).
+        reference, reference_labels: (M, D) and (M,): a separate reference set (In-Shop style).
             None: every query searches all other `embeddings` (the query itself excluded).
-            With a gallery nothing is excluded, so don't pass the queries as the gallery.
+            With a reference set nothing is excluded, so don't pass the queries as references.
         metric: "euclidean", "squared_euclidean" (same ranking) or "cosine", see
             `compute_distances`.
         nmi: also cluster the queries with k-means (faiss, k = number of query classes,
@@ -309,30 +309,30 @@ def retrieval_metrics(
     if self_search:
         if reference_labels is not None:
             raise ValueError("reference_labels given without reference; pass both or neither")
-        gallery, gallery_labels = query, query_labels
+        reference, reference_labels = query, query_labels
     else:
         if reference_labels is None:
             raise ValueError("reference given without reference_labels; pass both")
-        gallery = _as_embeddings(reference, "reference")
-        gallery_labels = _as_labels(reference_labels, len(gallery), "reference_labels")
-        if gallery.shape[1] != query.shape[1]:
+        reference = _as_embeddings(reference, "reference")
+        reference_labels = _as_labels(reference_labels, len(reference), "reference_labels")
+        if reference.shape[1] != query.shape[1]:
             raise ValueError(
-                f"embeddings have dimension {query.shape[1]} but reference has {gallery.shape[1]}"
+                f"embeddings have dimension {query.shape[1]} but reference has {reference.shape[1]}"
             )
 
-    # One integer code per class over queries and gallery together, so classes compare as ints.
-    _, codes = np.unique(np.concatenate([query_labels, gallery_labels]), return_inverse=True)
+    # One integer code per class over queries and references together, so classes compare as ints.
+    _, codes = np.unique(np.concatenate([query_labels, reference_labels]), return_inverse=True)
     query_codes = torch.from_numpy(codes[: len(query)].astype(np.int64))
-    gallery_codes = torch.from_numpy(codes[len(query) :].astype(np.int64))
-    class_sizes = torch.bincount(gallery_codes, minlength=int(codes.max()) + 1)
+    reference_codes = torch.from_numpy(codes[len(query) :].astype(np.int64))
+    class_sizes = torch.bincount(reference_codes, minlength=int(codes.max()) + 1)
     num_relevant = class_sizes[query_codes] - int(self_search)  # R of each query
     scored = (num_relevant > 0).nonzero().flatten()
     if len(scored) == 0:
         raise ValueError(
             "no query has a same-class item in the reference set, so no retrieval metric is "
-            "defined; every class needs at least two images (or one in the gallery)"
+            "defined; every class needs at least two images (or one in the reference set)"
         )
-    available = len(gallery) - int(self_search)
+    available = len(reference) - int(self_search)
     if ks[-1] > available:
         raise ValueError(
             f"recall@{ks[-1]} asked but each query has only {available} references; "
@@ -342,7 +342,7 @@ def retrieval_metrics(
     k = max(ks[-1], max_r)
 
     device = _default_device(device)
-    query_codes, gallery_codes = query_codes[scored].to(device), gallery_codes.to(device)
+    query_codes, reference_codes = query_codes[scored].to(device), reference_codes.to(device)
     num_relevant = num_relevant[scored].to(device, torch.float64)
     hits = torch.zeros(len(ks), dtype=torch.int64, device=device)
     # Per-query values, summed once at the end: the result does not depend on the chunking.
@@ -353,7 +353,7 @@ def retrieval_metrics(
     queries = query if len(scored) == len(query) else query[scored]
     for start, _, indices in _neighbor_chunks(
         queries,
-        gallery,
+        reference,
         k,
         metric,
         chunk_size,
@@ -361,7 +361,7 @@ def retrieval_metrics(
         self_index=scored if self_search else None,
     ):
         stop = start + len(indices)
-        relevant = gallery_codes[indices] == query_codes[start:stop, None]  # (c, k) bool
+        relevant = reference_codes[indices] == query_codes[start:stop, None]  # (c, k) bool
         for i, k_ in enumerate(ks):
             hits[i] += relevant[:, :k_].any(dim=1).sum()
         # R-Precision and MAP@R look at the first R positions of each query only.

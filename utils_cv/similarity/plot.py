@@ -541,6 +541,71 @@ def plot_distance_histograms(
     return fig
 
 
+def plot_distance_panels(embeddings: Mapping[str, Array], labels: Array) -> Figure:
+    """``plot_distance_histograms`` of several embeddings of the same images, side by side.
+
+    Args:
+        embeddings: name -> (N, D) embeddings, for example {"untrained": ..., "trained": ...}.
+        labels: (N,) int, shared by all of them.
+
+    Each panel's title gives the mean distance (``metrics.mean_distance``); each has its own
+    distance axis, so a collapsed embedding shows as histograms squeezed against zero.
+    """
+    from utils_cv.similarity.metrics import mean_distance
+
+    if not embeddings:
+        raise ValueError("embeddings is empty; pass {name: (N, D) embeddings}")
+    fig, axes = plt.subplots(
+        1, len(embeddings), figsize=(4.5 * len(embeddings), 3), squeeze=False, layout="constrained"
+    )
+    for ax, (name, values) in zip(axes[0], embeddings.items(), strict=True):
+        title = f"{name} (mean {mean_distance(values):.3f})"
+        plot_distance_histograms(values, labels, ax=ax, title=title)
+    return fig
+
+
+def plot_mining_choices(points: Array, labels: Array, anchor: int = 0) -> Figure:
+    """What each triplet mining picks for one anchor, on 2-D points.
+
+    Arrows from the anchor (a star) to its hardest positive (the farthest of its class,
+    solid), its hardest negative (the closest of another class, dashed) and, for the
+    hardest positive, the semi-hard negative (the closest negative farther than that
+    positive, dotted; none when every negative is closer).
+
+    Args:
+        points: (N, 2) float. labels: (N,) int. anchor: index of the anchor.
+    """
+    points, labels = torch.as_tensor(points).float(), torch.as_tensor(labels)
+    if points.ndim != 2 or points.shape[1] != 2 or len(labels) != len(points):
+        raise ValueError(f"points must be (N, 2) with N labels, got {tuple(points.shape)}")
+    distances = torch.cdist(points, points)[anchor]
+    same = labels == labels[anchor]
+    positives = [i for i in range(len(points)) if same[i] and i != anchor]
+    negatives = [i for i in range(len(points)) if not same[i]]
+    if not positives or not negatives:
+        raise ValueError(f"anchor {anchor} needs a positive and a negative among the points")
+    hardest_positive = max(positives, key=lambda i: distances[i])
+    farther = [i for i in negatives if distances[i] > distances[hardest_positive]]
+    marks = [
+        (hardest_positive, "hardest positive", "-"),
+        (min(negatives, key=lambda i: distances[i]), "hardest negative", "--"),
+    ]
+    if farther:
+        semi_hard = min(farther, key=lambda i: distances[i])
+        marks.append((semi_hard, "semi-hard negative\n(for the hardest positive)", ":"))
+    fig, ax = plt.subplots(figsize=(5, 4.5))
+    for label in torch.unique(labels).tolist():
+        ax.scatter(*points[labels == label].T, label=f"class {label}", s=40)
+    ax.scatter(*points[anchor], marker="*", s=300, c="black", label="anchor")
+    for index, text, style in marks:
+        ax.annotate("", points[index], points[anchor], arrowprops={"arrowstyle": "->", "ls": style})
+        ax.annotate(text, points[index], textcoords="offset points", xytext=(5, 5), fontsize=8)
+    ax.set_aspect("equal")
+    ax.legend(fontsize=TITLE_SIZE, loc="lower right")
+    ax.set_title("What each strategy picks for one anchor")
+    return fig
+
+
 def _draw_rank_row(
     axes: Sequence[Axes],
     query_image: np.ndarray,

@@ -54,6 +54,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 # The cures notebook 01 knows for batch-hard collapse (its CURES parameter picks from these).
 TRIPLET_CURES = ("batch_hard_soft", "batch_all_then_hard", "batch_hard_low_lr")
 
+# Settings whose values must come from a fixed list.
+CHOICES: dict[str, tuple[str, ...]] = {"cures": TRIPLET_CURES}
+
 # What a notebook changes or adds to the shared presets, by notebook and preset name.
 NOTEBOOK_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "01_triplet_baseline": {
@@ -67,11 +70,11 @@ NOTEBOOK_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "cures": list(TRIPLET_CURES),
             "sweep_margins": [0.05, 0.2, 0.5],
         },
-        # Five trainings within the 10-minute budget on 2 slow cores: 32 px and 15 epochs
-        # each (about 30 s on an idle machine of this repository's CI), one cure, no sweep.
+        # Five trainings within the 10-minute budget on 2 slow cores: 32 px and 12 epochs
+        # each (about 27 s on an idle machine of this repository's CI), one cure, no sweep.
         "cpu": {
             "image_size": 32,
-            "epochs": 15,
+            "epochs": 12,
             "classes_per_batch": 16,
             "samples_per_class": 4,
             "margin": 0.2,
@@ -115,6 +118,10 @@ def preset_config(preset: str, notebook: str | None = None, **overrides: Any) ->
         if value is not None:
             _check_override(key, value, config[key])
             config[key] = value
+    for key, allowed in CHOICES.items():
+        unknown = [value for value in config.get(key, []) if value not in allowed]
+        if unknown:
+            raise ValueError(f"{key.upper()} names unknown {unknown}; choose from {list(allowed)}")
     config["preset"] = name
     return config
 

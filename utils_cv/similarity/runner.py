@@ -75,6 +75,20 @@ class Run:
     metrics: dict[str, float] = field(default_factory=dict)
     embeddings: torch.Tensor | None = None
     learn: Learner | None = None
+    score_name: str = "val_recall@1"
+
+    def summary(self) -> dict[str, float | int | None]:
+        """The run in a few numbers for metrics.json: the kept epoch and its validation
+        score, the last epoch's training loss and share of active triplets (None for a loss
+        without one) and the training seconds."""
+        last = self.history[-1] if self.history else {}
+        return {
+            "best_epoch": self.best_epoch,
+            f"best_{self.score_name}": self.best_score,
+            "final_train_loss": last.get("train_loss"),
+            "final_active_fraction": last.get("loss_active_fraction"),
+            "seconds": round(self.seconds, 1),
+        }
 
 
 def train_run(
@@ -196,6 +210,7 @@ def train_run(
         best_score=None if retrieval is None else retrieval.best_score,
         seconds=seconds,
         learn=learn,
+        score_name=f"val_recall@{ks[0]}",
     )
     if test is not None:
         run.embeddings = embed(model, test.images)
