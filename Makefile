@@ -24,8 +24,9 @@ $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
-	@# Strip notebook outputs on commit (a git filter); harmless outside a git checkout.
-	@$(BIN)/nbstripout --install >/dev/null 2>&1 || true
+	@# Strip notebook outputs on commit (a git filter, attributes in the tracked .gitattributes,
+	@# which exempts notebooks/recipes.ipynb); harmless outside a git checkout.
+	@$(BIN)/nbstripout --install --attributes .gitattributes >/dev/null 2>&1 || true
 	@touch $(STAMP)
 
 sysdeps:
@@ -67,7 +68,7 @@ lint: env
 	$(BIN)/ruff format --check .
 
 format: env
-	$(BIN)/nbstripout notebooks/*.ipynb
+	$(BIN)/nbstripout $(NOTEBOOKS)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 

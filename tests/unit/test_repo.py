@@ -97,5 +97,10 @@ def test_recipes_notebook_keeps_its_outputs_and_is_checked_by_nbval():
     code = [cell for cell in notebook["cells"] if cell["cell_type"] == "code"]
     without = [i for i, cell in enumerate(code[1:], start=1) if not cell["outputs"]]
     assert not without, f"recipe cells {without} have no stored output: re-run and save it"
+    # nbval skips (and fails) cells without an execution count, so the git filter that
+    # strips the lesson notebooks must leave this one alone.
+    assert all(cell["execution_count"] is not None for cell in code), "re-run and save it"
+    attributes = (ROOT / ".gitattributes").read_text().splitlines()
+    assert "notebooks/recipes.ipynb -filter" in attributes
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]
     assert "notebooks/recipes.ipynb" in config["testpaths"] and "--nbval" in config["addopts"]
