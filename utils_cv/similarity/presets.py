@@ -4,6 +4,10 @@ Every notebook has ``PRESET = "auto"`` in its parameters cell. ``"auto"`` become
 ``"gpu"`` where CUDA is available and ``"cpu"`` elsewhere; the tests pass ``"smoke"``,
 which only checks that the notebook runs end to end. Any parameter the notebook sets to
 a value other than ``None`` overrides the preset.
+
+Seeds: a notebook that trains one model has a ``SEED`` parameter (an int) and passes
+``seeds=[SEED]``; one that compares methods over seeds has ``SEEDS`` (a list, the preset's
+``seeds`` when None). Both record the list as "seeds" in metrics.json.
 """
 
 from __future__ import annotations
