@@ -49,10 +49,11 @@ sysdeps:
 # first failure) outputs/summary.md tables every notebook's key numbers and time.
 run: env
 	@mkdir -p $(OUTPUTS)
+	@# Clear every notebook's old results first, so a failed run never shows stale ones.
+	@rm -f $(OUTPUTS)/[0-9][0-9]_*/metrics.json $(OUTPUTS)/[0-9][0-9]_*/wall_seconds
 	@for nb in $(NOTEBOOKS); do \
 	  name=$$(basename $$nb .ipynb); \
 	  echo "== $$name (PRESET=$(PRESET))"; mkdir -p $(OUTPUTS)/$$name; \
-	  rm -f $(OUTPUTS)/$$name/metrics.json $(OUTPUTS)/$$name/wall_seconds; \
 	  start=$$(date +%s); \
 	  $(BIN)/papermill --cwd notebooks $$nb $(OUTPUTS)/$$name/$$name.ipynb \
 	    -p PRESET $(PRESET) -p OUTPUT_DIR $(CURDIR)/$(OUTPUTS)/$$name \

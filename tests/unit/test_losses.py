@@ -58,6 +58,14 @@ LOSS_FILES = sorted(p for p in Path(losses.__file__).parent.glob("*.py") if p.na
 
 def test_every_loss_is_in_its_own_file():
     assert {p.stem for p in LOSS_FILES} >= {"softmax", "triplet"}
+    for path in LOSS_FILES:
+        modules = [
+            node.name
+            for node in ast.parse(path.read_text()).body
+            if isinstance(node, ast.ClassDef)
+            and any(ast.unparse(base) in ("nn.Module", "torch.nn.Module") for base in node.bases)
+        ]
+        assert len(modules) == 1, f"{path.name} defines {modules}: one loss per file"
     for name in losses.__all__:
         module = getattr(losses, name).__module__
         assert module.startswith("utils_cv.similarity.losses."), (name, module)

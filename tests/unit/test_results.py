@@ -158,3 +158,8 @@ def test_rounded_reaches_into_dicts_lists_and_tensors():
         "c": {"d": 0.988},
         "e": "x",
     }
+
+
+def test_seed_summary_names_a_missing_key_and_the_fix():
+    with pytest.raises(KeyError, match=r"run 1 has no \['map@r'\].*each of the columns"):
+        results.seed_summary([RUNS[0], {"method": "x", "seed": 0, "recall@1": 0.1}], ["map@r"])

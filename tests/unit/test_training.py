@@ -499,3 +499,29 @@ def test_model_with_loss_calls_training_outputs_only_in_training_mode():
 def test_loss_stats_flatten_nested_dicts_and_skip_what_is_not_a_number():
     stats = {"a": 1, "b": {"c": 2.5, "d": {"e": torch.tensor(3.0)}}, "f": "text", "g": True}
     assert dict(training._flat_numbers(stats)) == {"a": 1.0, "b_c": 2.5, "b_d_e": 3.0}
+
+
+def test_loss_stats_skip_the_lr_finder_and_average_only_where_reported():
+    class Sometimes(CountingLoss):
+        calls = 0
+
+        def forward(self, embeddings, labels):
+            value = super().forward(embeddings, labels)
+            Sometimes.calls += 1
+            # numpy scalars count; "rare" is reported by every other batch only
+            self.stats = {"label_mean": np.float32(labels.float().mean().item())}
+            if Sometimes.calls % 2:
+                self.stats["rare"] = 1.0
+            return value
+
+    set_seed(0)
+    model = EmbeddingNet("small_cnn", embedding_size=16, normalize=False)
+    batches = [list(range(0, 12)), list(range(12, 24)), list(range(36, 48))]
+    learn = make_learner(model, Sometimes(), stripes(0), batch_sampler=batches, device="cpu")
+    with learn.no_bar(), learn.no_logging():
+        learn.lr_find(num_it=5, show_plot=False)
+        learn.fit(1, 1e-3)
+    history = get_history(learn)
+    assert [entry["epoch"] for entry in history] == [0]  # the lr finder's steps are not epochs
+    assert history[0]["loss_label_mean"] == pytest.approx(19 / 6)
+    assert history[0]["loss_rare"] == 1.0  # the mean over the batches that reported it

@@ -184,7 +184,13 @@ def seed_summary(
         they first appear, numbers rounded to ``digits``.
     """
     groups: dict[str, list[Mapping[str, Any]]] = {}
-    for run in runs:
+    for i, run in enumerate(runs):
+        missing = [key for key in (by, per_seed, *columns) if key not in run]
+        if missing:
+            raise KeyError(
+                f"run {i} has no {missing} (it has {sorted(run)}); give every run the group "
+                f"key by={by!r}, per_seed={per_seed!r} and each of the columns"
+            )
         groups.setdefault(run[by], []).append(run)
     summary = {}
     for name, rows in groups.items():

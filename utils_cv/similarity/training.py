@@ -188,17 +188,19 @@ class SkipValidationLoop(Callback):
 
 
 class LossStatsCallback(Callback):
-    """Average a loss module's ``stats`` over each training epoch.
+    """Record the training loss and average a loss module's ``stats`` over each epoch.
 
     Losses such as ``TripletLoss`` keep statistics of their last batch in a ``stats`` dict
     (the share of active triplets, mean positive and negative distances). fastai sees only
-    the loss value; this callback averages every numeric entry over the epoch's batches.
-    A loss that combines others may nest their dicts: ``{"triplet": {"active_fraction":
-    0.4}, "softmax": 2.1}`` becomes "loss_triplet_active_fraction" and "loss_softmax".
-    Entries that are not numbers are ignored.
+    the loss value; this callback averages every numeric entry over the epoch's batches
+    that reported it. A loss that combines others may nest their dicts: ``{"triplet":
+    {"active_fraction": 0.4}, "softmax": 2.1}`` becomes "loss_triplet_active_fraction" and
+    "loss_softmax". Entries that are not numbers are ignored. Epochs are counted across
+    fits (a warm-up fit and the main fit form one history); the lr finder's are skipped.
 
     Attributes:
-        history: one dict per epoch: "epoch" and "loss_<name>" for each statistic.
+        history: one dict per epoch: "epoch", "train_loss" (fastai's smoothed loss at the
+            end of the epoch) and "loss_<name>" for each statistic.
     """
 
     order = 54  # before RetrievalCallback (55), so both count epochs the same way
@@ -207,9 +209,13 @@ class LossStatsCallback(Callback):
         self.history: list[dict[str, float]] = []
         self._epochs_done = 0
 
+    def before_fit(self):
+        # The lr finder and get_preds run fits of their own: stay out of them.
+        self.run = not hasattr(self.learn, "lr_finder") and not hasattr(self.learn, "gather_preds")
+
     def before_epoch(self):
         self._sums: dict[str, float] = {}
-        self._batches = 0
+        self._counts: dict[str, int] = {}
 
     def after_loss(self):
         stats = getattr(self.learn.loss_func, "stats", None)
@@ -217,12 +223,12 @@ class LossStatsCallback(Callback):
             return
         for name, value in _flat_numbers(stats):
             self._sums[name] = self._sums.get(name, 0.0) + value
-        self._batches += 1
+            self._counts[name] = self._counts.get(name, 0) + 1
 
     def after_epoch(self):
-        if self._batches:
-            means = {f"loss_{k}": v / self._batches for k, v in self._sums.items()}
-            self.history.append({"epoch": self._epochs_done, **means})
+        means = {f"loss_{k}": v / self._counts[k] for k, v in self._sums.items()}
+        train_loss = float(self.recorder.smooth_loss.value)
+        self.history.append({"epoch": self._epochs_done, "train_loss": train_loss, **means})
         self._epochs_done += 1
 
 
@@ -232,9 +238,10 @@ def _flat_numbers(stats: dict, prefix: str = "") -> Iterator[tuple[str, float]]:
         name = f"{prefix}{key}"
         if isinstance(value, dict):
             yield from _flat_numbers(value, prefix=f"{name}_")
-        elif isinstance(value, int | float | torch.Tensor) and not isinstance(value, bool):
-            if not isinstance(value, torch.Tensor) or value.numel() == 1:
-                yield name, float(value)
+        elif isinstance(value, int | float | np.number) and not isinstance(value, bool):
+            yield name, float(value)
+        elif isinstance(value, torch.Tensor) and value.numel() == 1:
+            yield name, float(value)
 
 
 class RetrievalCallback(Callback):
@@ -243,9 +250,11 @@ class RetrievalCallback(Callback):
     After every ``every``-th epoch (and the last epoch of each fit) it embeds ``val`` with
     ``embed`` and computes ``retrieval_metrics``. "val_recall@K" for each K in ``ks`` joins
     fastai's progress table (NaN in epochs that are not evaluated). Recall@``ks[0]`` picks
-    the best model; after each fit the best weights (model and loss) are loaded back.
+    the best model; after each fit the best weights (model and loss) are loaded back, so a
+    fit that follows another starts from the best epoch so far, not from the last one.
     History and the best model carry over from one fit to the next, so a warm-up fit and the
-    main fit form one run.
+    main fit form one run; when the best epoch came from a fit with another loss, only the
+    model's weights are restored.
 
     Args:
         val: validation images and labels (classes unseen in training).
@@ -323,7 +332,9 @@ class RetrievalCallback(Callback):
         else:
             state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"])
-        if loss is not None:
+        # The best epoch may belong to an earlier fit with another loss (a warm-up): then the
+        # saved loss state is that loss's, and the current loss keeps its own parameters.
+        if loss is not None and state["loss"].keys() == loss.state_dict().keys():
             loss.load_state_dict(state["loss"])
 
     def _evaluate(self) -> dict[str, float]:
@@ -549,16 +560,20 @@ def _resolve_precision(mixed_precision: str, device: torch.device) -> str:
 def get_history(learn: Learner) -> list[dict[str, float]]:
     """Per-epoch training loss, loss statistics and validation scores, for plotting.
 
-    From the ``RetrievalCallback`` when there is one (all fits), else from fastai's
-    Recorder (the last fit; "train_loss" is fastai's smoothed loss at the end of the epoch).
-    A ``LossStatsCallback``'s per-epoch averages ("loss_active_fraction", ...) are merged in
-    by epoch.
+    All fits of the Learner count, numbered on from one fit to the next. From the
+    ``RetrievalCallback`` when there is one, else from the ``LossStatsCallback`` (both added
+    by ``make_learner``), else from fastai's Recorder (the last fit only). "train_loss" is
+    fastai's smoothed loss at the end of the epoch. The ``LossStatsCallback``'s per-epoch
+    averages ("loss_active_fraction", ...) are merged in by epoch.
     """
     history = None
     for callback in learn.cbs:
         if isinstance(callback, RetrievalCallback):
             history = [dict(entry) for entry in callback.history]
     if history is None:
+        stats = [cb for cb in learn.cbs if isinstance(cb, LossStatsCallback)]
+        if stats:
+            return [dict(entry) for entry in stats[0].history]
         recorder = learn.recorder
         names = [name for name in recorder.metric_names[1:] if name != "time"]
         history = [
@@ -569,5 +584,6 @@ def get_history(learn: Learner) -> list[dict[str, float]]:
         if isinstance(callback, LossStatsCallback):
             by_epoch = {entry["epoch"]: entry for entry in callback.history}
             for entry in history:
-                entry.update(by_epoch.get(entry["epoch"], {}))
+                stats = by_epoch.get(entry["epoch"], {})
+                entry.update({key: value for key, value in stats.items() if key not in entry})
     return history

@@ -5,7 +5,7 @@ alone. Every loss follows one contract:
 
 - **Call:** ``loss(embeddings, labels) -> scalar`` with ``embeddings: (N, D) float`` and
   ``labels: (N,) int``. A loss for a model with several outputs (see
-  ``utils_cv.similarity.models``, "Models with more than one output") takes that model's
+  ``utils_cv.similarity.models``, "The model contract") takes that model's
   ``training_outputs`` dict in place of ``embeddings``.
 - **Own parameters (optional):** class weights or proxies are ``nn.Parameter`` s of the
   loss. The training code optimizes the model and the loss together, with the loss in its
