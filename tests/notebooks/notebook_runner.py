@@ -23,6 +23,7 @@ def run_notebook(name: str, output_dir: Path, **parameters) -> dict:
     test run a notebook with its default (slow) settings unnoticed; so refuse that here.
     """
     path = notebook_path(name)
+    output_dir.mkdir(parents=True, exist_ok=True)
     parameters = {"OUTPUT_DIR": str(output_dir), **parameters}
     declared = papermill.inspect_notebook(str(path))
     unknown = sorted(set(parameters) - set(declared))

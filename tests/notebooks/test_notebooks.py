@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import pytest
 
+from tests.image_folders import snapshot, write_image_folder
+from utils_cv.similarity.datasets.fashion_mnist import FASHION_MNIST_DEBIAN
+
 from .notebook_runner import NOTEBOOK_DIR, assert_sane, flatten, run_notebook
 
 # Keys each notebook must record in metrics.json (flattened with "/").
@@ -70,3 +73,33 @@ def test_notebook_smoke(name, tmp_path):
             by_seed = method["recall@1_by_seed"]
             assert len(by_seed) == len(metrics["seeds"])
             assert method["recall@1"] == pytest.approx(sum(by_seed) / len(by_seed), abs=1e-4)
+
+
+@pytest.mark.notebook
+@pytest.mark.parametrize("domains", [("light", "dark"), ()], ids=["with_domains", "no_domains"])
+@pytest.mark.parametrize("name", sorted(EXPECTED_KEYS))
+def test_notebook_smoke_on_your_own_images(name, domains, tmp_path):
+    # 48 classes of 6 images: about 115 training images, enough for the smoke batches.
+    per_domain = 6 // max(1, len(domains))
+    folder = write_image_folder(tmp_path / "my images", 48, domains, per_domain=per_domain)
+    before = snapshot(folder)
+    metrics = run_notebook(name, tmp_path / "outputs", PRESET="smoke", DATASET=str(folder))
+    # The user's folder is read, never written: every file unchanged and none added.
+    assert snapshot(folder) == before
+    assert metrics["dataset"] == str(folder)
+    assert_sane(metrics)
+    flat = flatten(metrics)
+    if name == "00_quickstart":
+        cross = [key for key in flat if key.startswith("softmax_") and key.endswith("/recall@1")]
+        assert cross == (["softmax_dark_to_light/recall@1"] if domains else [])
+    else:
+        assert "methods/batch_hard/recall@1" in flat
+
+
+@pytest.mark.notebook
+@pytest.mark.skipif(not FASHION_MNIST_DEBIAN.is_dir(), reason="dataset-fashion-mnist missing")
+@pytest.mark.parametrize("name", sorted(EXPECTED_KEYS))
+def test_notebook_smoke_on_fashion_mnist(name, tmp_path):
+    metrics = run_notebook(name, tmp_path, PRESET="smoke", DATASET="fashion_mnist")
+    assert metrics["dataset"] == "fashion_mnist"
+    assert_sane(metrics)

@@ -209,7 +209,9 @@ def test_load_image_folder_reports_every_problem(tmp_path):
     grey = loaded.paths.index(str(tmp_path / "apple" / "grey.png"))
     assert loaded.images[grey].unique().tolist() == [128]
     expected = [class_split(loaded.class_names[i]) for i in loaded.labels]
-    assert loaded.splits == expected and loaded.domains == [""] * 6
+    assert loaded.splits == expected
+    # banana/nested/1.png lies in a subfolder of its class: that subfolder is its domain.
+    assert loaded.domains == ["", "", "", "", "nested", ""]
 
 
 def test_load_image_folder_resizes_shorter_side_and_crops_centre(tmp_path):

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from urllib.error import URLError
+
 import pytest
 import torch
+import torchvision
 from torch import nn
+from torchvision.models import ResNet18_Weights
 
 from utils_cv.common.device import set_seed
 from utils_cv.similarity.models import (
@@ -12,6 +16,7 @@ from utils_cv.similarity.models import (
     EmbeddingNet,
     create_backbone,
     embed,
+    weights_file,
 )
 
 
@@ -157,3 +162,35 @@ def test_embed_rejects_bad_input():
         embed(nn.Identity(), torch.rand(0, 3, 4, 4))
     with pytest.raises(ValueError, match=r"\(N, 3, H, W\)"):
         embed(nn.Identity(), torch.rand(3, 4, 4))
+
+
+def test_weights_that_cannot_be_downloaded_say_where_to_place_the_file(monkeypatch):
+    import torchvision.models._api as torchvision_api
+
+    def offline(url, *args, **kwargs):
+        raise URLError("Name or service not known")
+
+    monkeypatch.setattr(torchvision_api, "load_state_dict_from_url", offline)
+    expected = weights_file(ResNet18_Weights.IMAGENET1K_V1)
+    with pytest.raises(RuntimeError, match="Without a network") as error:
+        EmbeddingNet("resnet18", weights="IMAGENET1K_V1")
+    assert str(expected) in str(error.value) and ResNet18_Weights.IMAGENET1K_V1.url in str(
+        error.value
+    )
+
+
+def test_a_weights_file_placed_where_the_message_says_loads_offline(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path))
+    set_seed(3)
+    source = torchvision.models.resnet18()
+    path = weights_file(ResNet18_Weights.IMAGENET1K_V1)
+    assert path.parent == tmp_path / "checkpoints"
+    path.parent.mkdir()
+    torch.save(source.state_dict(), path)
+    model = EmbeddingNet("resnet18", weights="IMAGENET1K_V1")
+    assert torch.equal(model.backbone[0].weight, source.conv1.weight)
+
+
+def test_small_cnn_has_no_weights_and_says_which_backbones_do():
+    with pytest.raises(ValueError, match="small_cnn has no pretrained weights.*resnet18"):
+        EmbeddingNet("small_cnn", weights="IMAGENET1K_V1")

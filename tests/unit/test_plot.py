@@ -453,3 +453,26 @@ def test_plot_mining_choices_points_at_the_right_neighbours():
     assert arrows["semi-hard negative\n(for the hardest positive)"] == (0.0, 3.0)
     with pytest.raises(ValueError, match="needs a positive"):
         plot.plot_mining_choices(points, torch.tensor([0, 1, 1, 1]), anchor=0)
+
+
+def test_show_class_examples_one_image_per_domain_of_the_best_covered_classes():
+    from utils_cv.similarity.datasets import ImageData
+
+    labels = [0, 0, 1, 1, 1, 2, 2, 2]
+    domains = ["a", "a", "b", "a", "c", "a", "b", "c"]
+    data = ImageData(
+        images=make_images(8),
+        labels=torch.tensor(labels),
+        class_names=["zero", "one", "two"],
+        splits=["test"] * 8,
+        domains=domains,
+        paths=[""] * 8,
+    )
+    fig = plot.show_class_examples(data, count=2, per_class=3)
+    titles = [ax.get_title() for ax in fig.axes]
+    # Classes 1 and 2 have three domains each, shown in the order domains first appear (a, b, c).
+    assert titles == ["one\na", "one\nb", "one\nc", "two\na", "two\nb", "two\nc"]
+    assert [tile_value(ax) for ax in fig.axes] == [60, 40, 80, 100, 120, 140]
+    plain = ImageData(data.images, data.labels, data.class_names, data.splits, [""] * 8, [""] * 8)
+    titles = [ax.get_title() for ax in plot.show_class_examples(plain, count=1).axes]
+    assert titles == ["one"] * 3  # without domains: the first of the largest classes

@@ -82,7 +82,25 @@ def test_cures_must_be_known():
 
 
 def test_an_empty_sweep_is_allowed_but_empty_seeds_are_not():
-    assert (
-        preset_config("gpu", notebook="01_triplet_baseline", sweep_margins=[])["sweep_margins"]
-        == []
-    )
+    config = preset_config("gpu", notebook="01_triplet_baseline", sweep_margins=[])
+    assert config["sweep_margins"] == []
+    with pytest.raises(TypeError, match=r"SEEDS=\[\] must be a non-empty list"):
+        preset_config("gpu", notebook="01_triplet_baseline", seeds=[])
+
+
+def test_list_settings_are_typed_even_where_the_preset_list_is_empty():
+    config = preset_config("cpu", notebook="01_triplet_baseline", sweep_margins=[0.1, 1])
+    assert config["sweep_margins"] == [0.1, 1]
+    with pytest.raises(TypeError, match=r"SWEEP_MARGINS=\['0.1'\] must be a list of numbers"):
+        preset_config("cpu", notebook="01_triplet_baseline", sweep_margins=["0.1"])
+    # A string from papermill's -p gets a YAML example that would work.
+    with pytest.raises(TypeError, match=r"-y 'SWEEP_MARGINS: \[0.05, 0.2\]'"):
+        preset_config("cpu", notebook="01_triplet_baseline", sweep_margins="[0.1]")
+
+
+def test_parameters_of_a_notebook_namespace_override_like_keywords():
+    namespace = {"PRESET": "smoke", "EPOCHS": 7, "LR": None, "BACKBONE": "resnet18"}
+    config = preset_config("smoke", parameters=namespace, lr=0.5)
+    assert config["epochs"] == 7 and config["backbone"] == "resnet18" and config["lr"] == 0.5
+    with pytest.raises(TypeError, match="EPOCHS='7'"):
+        preset_config("smoke", parameters={"EPOCHS": "7"})

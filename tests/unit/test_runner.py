@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from fastai.learner import Learner
 
 from utils_cv.common.device import set_seed
+from utils_cv.similarity import training
 from utils_cv.similarity.losses import SoftmaxLoss, TripletLoss
 from utils_cv.similarity.metrics import retrieval_metrics
 from utils_cv.similarity.models import EmbeddingNet, embed
@@ -205,3 +207,48 @@ def test_the_summary_names_the_kept_epoch_and_the_last_one():
     assert summary["final_train_loss"] == run.history[-1]["train_loss"]
     assert summary["final_active_fraction"] == run.history[-1]["loss_active_fraction"]
     assert summary["seconds"] == round(run.seconds, 1)
+
+
+def test_a_best_epoch_in_the_warmup_of_another_loss_restores_the_model_only(monkeypatch):
+    # Best validation epoch = the warm-up's (triplet); the main loss (a classifier) has
+    # parameters the warm-up loss lacks: only the model's weights can be restored.
+    scores = iter([0.9, 0.1, 0.2])
+    monkeypatch.setattr(
+        training, "retrieval_metrics", lambda embeddings, labels, ks: {"recall@1": next(scores)}
+    )
+    run = train_run(
+        small_model, lambda: SoftmaxLoss(16, NUM_CLASSES), stripes(0), val=stripes(1),
+        epochs=3, lr=1e-2, warmup_loss=triplet, warmup_epochs=1, classes_per_batch=4,
+        samples_per_class=3, device="cpu",
+    )  # fmt: skip
+    assert run.best_epoch == 0 and run.best_score == 0.9
+    assert isinstance(run.loss, SoftmaxLoss) and run.learn.loss_func is run.loss
+
+
+def test_without_val_the_history_covers_every_phase_in_order():
+    run = train_run(
+        small_model, triplet, stripes(0), epochs=3, lr=1e-2,
+        warmup_loss=lambda: TripletLoss(0.2, mining="batch_all"), warmup_epochs=2,
+        classes_per_batch=4, samples_per_class=3, device="cpu",
+    )  # fmt: skip
+    assert [entry["epoch"] for entry in run.history] == [0, 1, 2]
+    # batch-all counts every triplet of a 12-image batch; batch-hard one per anchor (12).
+    triplets = [entry["loss_num_triplets"] for entry in run.history]
+    assert triplets[0] == triplets[1] > 12 and triplets[2] == 12
+    assert all(np.isfinite(entry["train_loss"]) for entry in run.history)
+
+
+def test_the_frozen_phase_trains_the_main_losss_parameters(monkeypatch):
+    monkeypatch.setattr(Learner, "fit_one_cycle", lambda self, *args, **kwargs: None)
+    loss = SoftmaxLoss(16, NUM_CLASSES)
+    before = parameters(loss)
+    train_run(small_model, loss, stripes(0), epochs=4, lr=1e-2, frozen_epochs=1,
+              warmup_loss=triplet, warmup_epochs=1, batch_size=12, classes_per_batch=4,
+              samples_per_class=3, device="cpu")  # fmt: skip
+    assert not any(torch.equal(before[k], v) for k, v in parameters(loss).items())
+
+
+def test_few_validation_classes_warn_that_the_choice_is_noisy():
+    with pytest.warns(UserWarning, match="only 8 classes.*noisy.*val=None"):
+        train_run(small_model, triplet, stripes(0), val=stripes(1), epochs=1, lr=1e-2,
+                  classes_per_batch=4, samples_per_class=3, device="cpu")  # fmt: skip

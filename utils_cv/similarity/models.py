@@ -17,13 +17,17 @@ first argument: ``loss(outputs, labels)``. Models without it train as
 ``loss(model(x), labels)``. Nothing else changes: evaluation never sees the dict.
 
 No pretrained weights can be downloaded in this project's environment, so the defaults
-train from scratch; torchvision's ``weights=`` (for example
-``torchvision.models.ResNet18_Weights.DEFAULT``) passes through for those who have them.
+train from scratch; torchvision's ``weights=`` (a name such as ``"IMAGENET1K_V1"`` or
+``"DEFAULT"``, or ``torchvision.models.ResNet18_Weights.DEFAULT``) passes through for those
+who have them. Offline, torchvision finds a weights file that lies in its cache folder
+(``weights_file``) and loads it without a network.
 """
 
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 import torch.nn.functional as F
@@ -44,23 +48,45 @@ def create_backbone(name: str, weights=None) -> tuple[nn.Module, int]:
         name: "small_cnn" (four conv blocks, fast on two CPU cores at 32-48 px; no
             pretrained weights), "resnet18" or "resnet50" (torchvision, without the final
             pooling and classifier).
-        weights: passed to torchvision, e.g. ``ResNet50_Weights.DEFAULT``; None trains from
-            scratch.
+        weights: passed to torchvision: a name ("IMAGENET1K_V1", "DEFAULT") or an enum such
+            as ``ResNet50_Weights.DEFAULT``; None trains from scratch. A missing file that
+            cannot be downloaded raises RuntimeError saying where to place it.
 
     Returns:
         (backbone, channels): backbone maps (N, 3, H, W) to (N, channels, h, w).
     """
     if name == "small_cnn":
         if weights is not None:
-            raise ValueError("small_cnn has no pretrained weights; pass weights=None")
+            raise ValueError(
+                f"small_cnn has no pretrained weights (weights={weights!r}); pass weights=None, "
+                "or choose a torchvision backbone (backbone='resnet18' or 'resnet50')"
+            )
         return _small_cnn(), 256
     if name in ("resnet18", "resnet50"):
-        resnet = getattr(torchvision.models, name)(weights=weights)
+        if weights is not None:
+            weights = torchvision.models.get_model_weights(name).verify(weights)
+        try:
+            resnet = getattr(torchvision.models, name)(weights=weights)
+        except (OSError, RuntimeError) as error:  # URLError is an OSError; bad hash: Runtime
+            raise RuntimeError(
+                f"could not load the {weights} weights ({error}). Without a network, download "
+                f"{weights.url} elsewhere and place it at {weights_file(weights)} : torchvision "
+                "then loads it from there (set TORCH_HOME to move that folder). Or train from "
+                "scratch with weights=None."
+            ) from error
         layers = [
             module for child, module in resnet.named_children() if child not in ("avgpool", "fc")
         ]
         return nn.Sequential(*layers), resnet.fc.in_features
     raise ValueError(f"backbone={name!r} is unknown; use one of {BACKBONES}")
+
+
+def weights_file(weights) -> Path:
+    """Where torchvision looks for a weights file before downloading it.
+
+    weights: a torchvision weights enum, e.g. ``ResNet18_Weights.IMAGENET1K_V1``.
+    """
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(weights.url).path).name
 
 
 def _small_cnn() -> nn.Sequential:

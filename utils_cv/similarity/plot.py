@@ -65,6 +65,33 @@ def show_image_grid(
     return fig
 
 
+def show_class_examples(data, count: int = 6, per_class: int = 4) -> Figure:
+    """A first look at a dataset: ``count`` classes with up to ``per_class`` images each.
+
+    With domains, each class shows one image per domain (in the order the domains first
+    appear) and the classes are the first, in label order, that have the most domains;
+    without, the first classes with the most images. Captions give class and domain.
+    ``data`` is an ``ImageData``.
+    """
+    labels = data.labels.tolist()
+    order = list(dict.fromkeys(d for d in data.domains if d))
+    by_class: dict[int, list[int]] = {}
+    for i, label in enumerate(labels):
+        seen = {data.domains[j] for j in by_class.get(label, [])}
+        if not order or data.domains[i] not in seen:  # one image per domain
+            by_class.setdefault(label, []).append(i)
+    ranked = sorted(by_class, key=lambda label: (-len(by_class[label]), label))[:count]
+    if not ranked:
+        raise ValueError("data has no images to show")
+    tiles, titles = [], []
+    for label in sorted(ranked):
+        rank = {d: k for k, d in enumerate(order)}
+        for i in sorted(by_class[label], key=lambda i: rank.get(data.domains[i], 0))[:per_class]:
+            tiles.append(data.images[i])
+            titles.append(f"{data.class_names[label][:18]}\n{data.domains[i]}".rstrip())
+    return show_image_grid(torch.stack(tiles), titles, ncols=2 * per_class)
+
+
 def plot_rank(
     query_image: Array,
     reference_images: Array,

@@ -13,6 +13,7 @@ Seeds: a notebook that trains one model has a ``SEED`` parameter (an int) and pa
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -27,7 +28,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "lr": 3e-3,
         "embedding_size": 64,
         "max_classes": 120,
+        "max_per_class": 8,
         "seeds": [0],
+        "weights": None,
     },
     # A few minutes on 2 CPU cores: a small CNN at low resolution. lr and epochs were chosen
     # on the validation classes (lr 1e-2 beat 3e-3 there), never on the test classes.
@@ -39,7 +42,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "lr": 1e-2,
         "embedding_size": 128,
         "max_classes": None,
+        "max_per_class": None,
         "seeds": [0],
+        "weights": None,
     },
     # A couple of minutes on one H100: ResNet-18 from scratch at 64 px.
     "gpu": {
@@ -50,7 +55,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "lr": 3e-3,
         "embedding_size": 512,
         "max_classes": None,
+        "max_per_class": None,
         "seeds": [0, 1, 2],
+        "weights": None,
     },
 }
 
@@ -60,6 +67,8 @@ TRIPLET_CURES = ("batch_hard_soft", "batch_all_then_hard", "batch_hard_low_lr")
 
 # Settings whose values must come from a fixed list.
 CHOICES: dict[str, tuple[str, ...]] = {"cures": TRIPLET_CURES}
+# The element type of list settings, checked even where a preset's list is empty.
+LIST_TYPES: dict[str, type] = {"seeds": int, "cures": str, "sweep_margins": float}
 
 # What a notebook changes or adds to the shared presets, by notebook and preset name.
 NOTEBOOK_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
@@ -105,16 +114,30 @@ def resolve_preset(preset: str) -> str:
     return preset
 
 
-def preset_config(preset: str, notebook: str | None = None, **overrides: Any) -> dict[str, Any]:
+def preset_config(
+    preset: str,
+    notebook: str | None = None,
+    parameters: Mapping[str, Any] | None = None,
+    **overrides: Any,
+) -> dict[str, Any]:
     """The preset's settings, the notebook's own (``NOTEBOOK_PRESETS``), then every
     override that is not ``None``.
 
+    ``parameters`` takes a notebook's namespace (``globals()``): each UPPER_CASE name there
+    whose lower-case form is a setting (``EPOCHS`` for "epochs", ``BACKBONE``, ``SEEDS``,
+    ...) overrides that setting exactly as the keyword would; keywords win over it.
+
     >>> preset_config("smoke", epochs=3)["epochs"]
     3
+    >>> preset_config("smoke", parameters={"EPOCHS": 4, "LR": None})["epochs"]
+    4
     """
     name = resolve_preset(preset)
     config = copy.deepcopy(PRESETS[name])
     config.update(copy.deepcopy(NOTEBOOK_PRESETS.get(notebook, {}).get(name, {})))
+    if parameters is not None:
+        named = {key: parameters[key.upper()] for key in config if key.upper() in parameters}
+        overrides = named | overrides
     unknown = sorted(set(overrides) - set(config))
     if unknown:
         raise ValueError(f"unknown preset setting(s) {unknown}; known: {sorted(config)}")
@@ -130,7 +153,13 @@ def preset_config(preset: str, notebook: str | None = None, **overrides: Any) ->
     return config
 
 
-_NAMES = {int: ("an integer", "integers"), str: ("a string", "strings")}
+_NAMES = {
+    int: ("an integer", "integers"),
+    str: ("a string", "strings"),
+    float: ("a number", "numbers"),
+}
+# What an error shows as a valid value of a list setting whose preset list is empty.
+LIST_EXAMPLES: dict[str, list] = {"cures": ["batch_hard_low_lr"], "sweep_margins": [0.05, 0.2]}
 
 
 def _check_override(key: str, value: Any, default: Any) -> None:
@@ -138,13 +167,16 @@ def _check_override(key: str, value: Any, default: Any) -> None:
     if default is None:  # no type to compare with (max_classes: None means all classes)
         return
     if isinstance(default, list):
-        kind = type(default[0]) if default else object
+        kind = LIST_TYPES.get(key, type(default[0]) if default else object)
         # Only seeds must not be empty: an empty list of sweep values skips the sweep.
         ok = isinstance(value, (list, tuple)) and (len(value) > 0 or key != "seeds")
-        ok = ok and all(isinstance(v, kind) and not isinstance(v, bool) for v in value)
-        expected = f"a list of {_NAMES.get(kind, ('', kind.__name__))[1]}"
+        number = kind is float and all(isinstance(v, int | float) for v in value or [])
+        ok = ok and (number or all(isinstance(v, kind) for v in value))
+        ok = ok and not any(isinstance(v, bool) for v in value)
+        expected = f"a list of {_NAMES.get(kind, ('', kind.__name__ + 's'))[1]}"
         if key == "seeds":
             expected = "a non-empty list of integers"
+        default = default or LIST_EXAMPLES.get(key, default)
     elif isinstance(default, float):
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         expected = "a number"
@@ -159,5 +191,5 @@ def _check_override(key: str, value: Any, default: Any) -> None:
                 f"-y '{key.upper()}: {default!r}'"
             )
         raise TypeError(
-            f"{key.upper()}={value!r} must be {expected}, like the preset's {default!r}{hint}"
+            f"{key.upper()}={value!r} must be {expected}, for example {default!r}{hint}"
         )

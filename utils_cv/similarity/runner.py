@@ -16,18 +16,23 @@ and evaluates once on the test classes. The result is a small record, ``Run``.
 
 The phases of one run, in order, ``epochs`` in all:
 
-1. ``frozen_epochs`` (NormSoftmax's warm-up): only the new parameters train (the loss's
-   class weights or proxies, and everything in the model outside ``model.backbone``),
-   at a constant learning rate;
+1. ``frozen_epochs`` (NormSoftmax's warm-up) with ``loss``: only the new parameters train
+   (the loss's class weights or proxies, and everything in the model outside
+   ``model.backbone``), at a constant learning rate; the backbone's BatchNorm layers still
+   update their running statistics, as in the reference code;
 2. ``warmup_epochs`` with ``warmup_loss`` (for example batch-all before batch-hard), one
    one-cycle schedule (both warm-ups at ``warmup_lr``, by default ``lr``);
 3. the remaining epochs with ``loss``, one one-cycle schedule.
+
+With ``val``, each phase ends by restoring the best epoch so far (``RetrievalCallback``),
+so the next phase starts from it, and the run ends with the best epoch of all phases.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -49,6 +54,8 @@ from utils_cv.similarity.training import (
 )
 
 ModuleOrBuilder = nn.Module | Callable[[], nn.Module]
+# Below both, the best-epoch choice on the validation split is noisy: train_run warns.
+FEW_VAL_CLASSES, FEW_VAL_IMAGES = 50, 1000
 
 
 @dataclass
@@ -60,7 +67,8 @@ class Run:
     history: one dict per epoch ("epoch", "train_loss", "val_recall@K", "loss_<stat>", ...).
     best_epoch, best_score: the kept epoch and its validation Recall@K (first K of ``ks``);
         None without ``val``.
-    seconds: wall time of the training, evaluation excluded.
+    seconds: wall time of the training, the per-epoch validation included, the final test
+        evaluation excluded.
     metrics: ``retrieval_metrics`` on the test data ({} without ``test``).
     embeddings: (N, D) test embeddings on the CPU (None without ``test``).
     learn: the fastai Learner, to train on or inspect.
@@ -123,7 +131,8 @@ def train_run(
             ``num_classes=train.num_classes``.
         epochs: all epochs of the run, every phase included.
         lr: the peak learning rate, or (model, loss) rates for the two parameter groups.
-        val: validation classes; the best epoch by Recall@``ks[0]`` on them is kept.
+        val: validation classes; the best epoch by Recall@``ks[0]`` on them is kept. With
+            fewer than 50 classes and 1,000 images that choice is noisy, and a warning says so.
         test: test classes, embedded and evaluated once at the end.
         seed: seeds the initialization, the batches and the augmentation.
         batch_size: images per batch for random batches (ignored with P x K batches).
@@ -154,10 +163,19 @@ def train_run(
             "give both classes_per_batch and samples_per_class for P x K batches, or neither "
             "for random batches"
         )
+    if val is not None and val.num_classes < FEW_VAL_CLASSES and len(val) < FEW_VAL_IMAGES:
+        warnings.warn(
+            f"the validation split has only {val.num_classes} classes ({len(val)} images), so "
+            "the epoch chosen on it is a noisy choice; with more classes per validation split "
+            "(load_image_folder(..., val_fraction=0.3)) it steadies, or pass val=None to keep the "
+            "weights of the last epoch of a fixed budget",
+            stacklevel=2,
+        )
     set_seed(seed)
     model = _build(model)
     loss = _build(loss)
-    first_loss = loss if warmup_loss is None else _build(warmup_loss)
+    warmup_loss = None if warmup_loss is None else _build(warmup_loss)
+    first_loss = warmup_loss if warmup_loss is not None and not frozen_epochs else loss
     if frozen_epochs and not isinstance(getattr(model, "backbone", None), nn.Module):
         raise ValueError(
             f"frozen_epochs={frozen_epochs} needs a model with a .backbone to freeze; "
@@ -194,10 +212,9 @@ def train_run(
             finally:
                 _set_trainable(model.backbone, True)
         if warmup_epochs:
+            _switch_loss(learn, warmup_loss)
             learn.fit_one_cycle(warmup_epochs, warmup_lr)
-            replace_loss(learn, loss)
-            if any(True for _ in loss.parameters()):
-                learn.create_opt()  # the optimizer must see the new loss's parameters
+            _switch_loss(learn, loss)
         learn.fit_one_cycle(epochs - frozen_epochs - warmup_epochs, lr)
     seconds = time.perf_counter() - start
 
@@ -207,7 +224,9 @@ def train_run(
         loss=loss,
         history=get_history(learn),
         best_epoch=None if retrieval is None else retrieval.best_epoch,
-        best_score=None if retrieval is None else retrieval.best_score,
+        best_score=None
+        if retrieval is None or retrieval.best_epoch is None
+        else retrieval.best_score,
         seconds=seconds,
         learn=learn,
         score_name=f"val_recall@{ks[0]}",
@@ -216,6 +235,18 @@ def train_run(
         run.embeddings = embed(model, test.images)
         run.metrics = retrieval_metrics(run.embeddings, test.labels, ks=tuple(ks), nmi=nmi)
     return run
+
+
+def _switch_loss(learn: Learner, loss: nn.Module) -> None:
+    """Train on with ``loss``; a new optimizer only when it misses the loss's parameters."""
+    if learn.loss_func is loss:
+        return
+    replace_loss(learn, loss)
+    if learn.opt is None:  # not trained yet: the first fit builds it with every parameter
+        return
+    optimized = {id(p) for group in learn.opt.param_lists for p in group}
+    if any(id(p) not in optimized for p in loss.parameters()):
+        learn.create_opt()
 
 
 def _rates(lr: float | Sequence[float]) -> float | np.ndarray:

@@ -3,7 +3,9 @@
 - ``base``: ``ImageData``, the class split and the fixed example queries;
 - ``emoji``: the cross-design emoji benchmark, built from fonts (``emoji_fonts``);
 - ``image_folder``: your own images, one folder per class;
-- ``fashion_mnist``: Zalando's Fashion-MNIST, for closed-set classification.
+- ``fashion_mnist``: Zalando's Fashion-MNIST, for closed-set classification;
+- ``by_name``: ``load_dataset``, what a notebook's ``DATASET`` parameter calls: a built-in
+  name or the path of your own ImageFolder tree, with built data kept in a cache folder.
 """
 
 from utils_cv.similarity.datasets.base import (
@@ -11,19 +13,29 @@ from utils_cv.similarity.datasets.base import (
     SPLITS,
     ImageData,
     class_split,
+    cross_domain_pair,
     example_queries,
+    split_summary,
+    to_rgb,
 )
+from utils_cv.similarity.datasets.by_name import BUILT_IN, cache_dir, load_dataset
 from utils_cv.similarity.datasets.emoji import load_emoji
 from utils_cv.similarity.datasets.fashion_mnist import load_fashion_mnist
 from utils_cv.similarity.datasets.image_folder import load_image_folder
 
 __all__ = [
+    "BUILT_IN",
+    "cache_dir",
+    "load_dataset",
     "DATA_DIR",
     "SPLITS",
     "ImageData",
     "class_split",
+    "cross_domain_pair",
     "example_queries",
     "load_emoji",
     "load_fashion_mnist",
     "load_image_folder",
+    "split_summary",
+    "to_rgb",
 ]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 # Built and downloaded data is cached in the repository's data/ folder (git-ignored).
@@ -135,6 +135,31 @@ class ImageData:
         )
 
 
+def split_summary(data: ImageData) -> str:
+    """One line on the splits: images and classes of each, and whether they share classes.
+
+    >>> split_summary(data)  # doctest: +SKIP
+    'train 2532 images / 763 classes, val 583 / 169, test 3216 / 975; no class in two splits'
+    """
+    parts, classes = [], {}
+    for name in SPLITS:
+        part = data.split(name)
+        classes[name] = set(part.labels.tolist())
+        unit = " images / " if not parts else " / "
+        parts.append(
+            f"{name} {len(part)}{unit}{len(classes[name])}" + (" classes" if not parts else "")
+        )
+    shared = classes["test"] & (classes["train"] | classes["val"])
+    if not shared:
+        note = "no class in two splits: the test classes are new to the model"
+    else:
+        note = (
+            f"closed set: {len(shared)} test classes are also training or validation classes, "
+            "so the test numbers measure retrieval among known classes, not new ones"
+        )
+    return ", ".join(parts) + "; " + note
+
+
 def _unit_hash(text: str, salt: str) -> float:
     """A number in [0, 1) from sha256: stable across runs, machines and Python versions."""
     digest = hashlib.sha256(f"{salt}:{text}".encode()).digest()
@@ -160,14 +185,34 @@ def class_split(name: str, test_fraction: float = 0.5, val_fraction: float = 0.2
     return "train"
 
 
-def example_queries(data: ImageData, count: int = 4, domain: str | None = "openmoji") -> list[int]:
-    """Indices of ``count`` fixed example queries, the same in every notebook.
+def cross_domain_pair(data: ImageData) -> tuple[str, str] | None:
+    """The (query, reference) domains of the cross-domain view, or None without domains.
 
-    Candidates are the images of ``domain`` (None: any) whose class has at least one other
-    image, so each has a right answer; they are ordered by a stable hash of the class
-    name, so the choice depends neither on a model nor on the run. Rank plots of these
-    queries can be compared from one notebook to the next.
+    The two domains with the most images (ties: the one seen first), e.g. ("openmoji",
+    "noto") on the emoji data. None when fewer than two non-empty domains exist.
     """
+    counts = Counter(domain for domain in data.domains if domain)
+    if len(counts) < 2:
+        return None
+    first_seen = {domain: i for i, domain in reversed(list(enumerate(data.domains)))}
+    ranked = sorted(counts, key=lambda domain: (-counts[domain], first_seen[domain]))
+    return ranked[0], ranked[1]
+
+
+def example_queries(data: ImageData, count: int = 4, domain: str | None = "auto") -> list[int]:
+    """Indices of ``count`` fixed example queries of distinct classes, the same in every notebook.
+
+    Candidates are the images of ``domain`` whose class has at least one other image, so
+    each has a right answer. ``domain="auto"`` takes the query domain of
+    ``cross_domain_pair`` (OpenMoji on the emoji data), or any image when the data has no
+    domains; None takes any image. Classes are ordered by a stable hash of their name and
+    the first candidate of each is taken, so the choice depends neither on a model nor on
+    the run, and no class is shown twice. Rank plots of these queries can be compared from
+    one notebook to the next.
+    """
+    if domain == "auto":
+        pair = cross_domain_pair(data)
+        domain = pair[0] if pair else None
     labels = data.labels.tolist()
     class_sizes = Counter(labels)
     candidates = [
@@ -175,13 +220,18 @@ def example_queries(data: ImageData, count: int = 4, domain: str | None = "openm
         for i, label in enumerate(labels)
         if class_sizes[label] > 1 and (domain is None or data.domains[i] == domain)
     ]
-    if len(candidates) < count:
-        raise ValueError(
-            f"only {len(candidates)} images of domain={domain!r} have a same-class partner "
-            f"but count={count}; lower count or pass domain=None"
-        )
     candidates.sort(key=lambda i: (_unit_hash(data.class_names[labels[i]], "example"), i))
-    return candidates[:count]
+    chosen, seen = [], set()
+    for i in candidates:
+        if labels[i] not in seen:
+            chosen.append(i)
+            seen.add(labels[i])
+    if len(chosen) < count:
+        raise ValueError(
+            f"only {len(chosen)} classes have an image of domain={domain!r} with a same-class "
+            f"partner but count={count}; lower count or pass domain=None"
+        )
+    return chosen[:count]
 
 
 def _to_tensor(images: list[Image.Image]) -> torch.Tensor:
@@ -192,9 +242,49 @@ def _to_tensor(images: list[Image.Image]) -> torch.Tensor:
     return torch.from_numpy(array).permute(0, 3, 1, 2).contiguous()
 
 
-def _resize_square(image: Image.Image, image_size: int) -> Image.Image:
-    """RGB, shorter side resized to image_size (antialiased), centre crop to a square."""
-    image = image.convert("RGB")
+WHITE = (255, 255, 255)
+
+
+def to_rgb(image: Image.Image, background: tuple[int, int, int] = WHITE) -> Image.Image:
+    """An image as 8-bit RGB, the way a person looking at it would expect.
+
+    - EXIF orientation is applied (a photo taken upright shows upright);
+    - transparency is composited onto ``background`` (white by default): RGBA, LA, and
+      palette or grey images with a transparent colour (Pillow's plain ``convert("RGB")``
+      would drop the alpha, showing hidden pixels, often black);
+    - 16- and 32-bit grey images ("I;16", "I", "F") are scaled from their full range to
+      8 bits (a plain conversion clips everything above 255 to white);
+    - CMYK and any other mode go through Pillow's conversion to RGB.
+    """
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        peak = float(array.max()) if array.size else 0.0
+        # The full range of the file's format: 16 bits for I;16; for 32-bit ints and floats,
+        # the smallest usual range that holds the values (1, 255 or 65535), else their maximum.
+        top = (
+            65535.0
+            if image.mode.startswith("I;16")
+            else next((limit for limit in (1.0, 255.0, 65535.0) if peak <= limit), peak)
+        )
+        if image.mode == "I" and top == 1.0:
+            top = 255.0  # integer images with values 0 and 1 are 8-bit, not a 0..1 range
+        array = np.clip(array / top * 255.0, 0, 255).round().astype(np.uint8)
+        image = Image.fromarray(array)
+    if image.mode == "P" or (image.mode in ("L", "RGB") and "transparency" in image.info):
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, (*background, 255))
+        return Image.alpha_composite(canvas, rgba).convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _resize_square(
+    image: Image.Image, image_size: int, background: tuple[int, int, int] = WHITE
+) -> Image.Image:
+    """RGB (see ``to_rgb``), shorter side resized to image_size (antialiased), centre crop."""
+    image = to_rgb(image, background)
     scale = image_size / min(image.size)
     size = (
         max(image_size, round(image.width * scale)),

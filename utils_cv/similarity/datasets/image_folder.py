@@ -9,7 +9,13 @@ from pathlib import Path
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from utils_cv.similarity.datasets.base import ImageData, _resize_square, _to_tensor, class_split
+from utils_cv.similarity.datasets.base import (
+    WHITE,
+    ImageData,
+    _resize_square,
+    _to_tensor,
+    class_split,
+)
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 # Problem lists in warnings are cut after this many paths (the count is always complete).
@@ -33,14 +39,26 @@ def load_image_folder(
     image_size: int = 64,
     test_fraction: float = 0.5,
     val_fraction: float = 0.2,
+    background: tuple[int, int, int] = WHITE,
 ) -> ImageData:
-    """Images in an ImageFolder tree: ``root/<class name>/<image file>``.
+    """Images in an ImageFolder tree, one folder per class, optionally one subfolder per domain.
 
-    Each class goes to one split by :func:`class_split` on its folder name. Every file is
-    accounted for: files that are not images or cannot be decoded, and empty class
-    folders, are listed in one warning (nothing is silently dropped); a class with a
-    single image is kept with a warning (it cannot be a retrieval query). Images are
-    converted to RGB, their shorter side resized to ``image_size`` and centre-cropped.
+    Layout::
+
+        root/<class>/<image>            domain ""
+        root/<class>/<domain>/<image>   domain "<domain>", e.g. an icon theme, a camera,
+                                        "catalogue" against "user photo"
+
+    Images deeper than that belong to the domain of their first subfolder. Domains give
+    the cross-domain view (one domain's images as queries, another's as the reference set).
+
+    Each class goes to one split by :func:`class_split` on its folder name, the same rule
+    as the emoji data. Every file is accounted for: files that are not images or cannot be
+    decoded, and empty class folders, are listed in one warning (nothing is silently
+    dropped); a class with a single image is kept with a warning (it cannot be a retrieval
+    query). Images become RGB as ``to_rgb`` says (EXIF orientation applied, transparency
+    composited onto ``background``, 16-bit and CMYK converted), then their shorter side is
+    resized to ``image_size`` and the centre cropped to a square. Nothing is ever written.
     Raises FileNotFoundError when ``root`` is missing and ValueError when it has no images.
     """
     root = Path(root)
@@ -54,7 +72,7 @@ def load_image_folder(
     skipped = [f"{p} (hidden, ignored)" for p in entries if p.name.startswith(".")]
     skipped += [f"{p} (file outside a class folder)" for p in entries if _is_stray(p)]
     class_dirs = [p for p in entries if p.is_dir() and not p.name.startswith(".")]
-    images, labels, paths, class_names = [], [], [], []
+    images, labels, paths, domains, class_names = [], [], [], [], []
     empty, single = [], []
     for class_dir in class_dirs:
         count = 0
@@ -64,7 +82,7 @@ def load_image_folder(
                 continue
             try:
                 with Image.open(path) as image:
-                    images.append(_resize_square(image, image_size))
+                    images.append(_resize_square(image, image_size, background))
             except (
                 UnidentifiedImageError,
                 OSError,
@@ -75,6 +93,8 @@ def load_image_folder(
                 continue
             labels.append(len(class_names))
             paths.append(str(path))
+            relative = path.relative_to(class_dir).parts
+            domains.append(relative[0] if len(relative) > 1 else "")
             count += 1
         if count == 0:
             empty.append(class_dir.name)
@@ -105,6 +125,6 @@ def load_image_folder(
         labels=torch.tensor(labels, dtype=torch.int64),
         class_names=class_names,
         splits=[splits_by_class[label] for label in labels],
-        domains=[""] * len(images),
+        domains=domains,
         paths=paths,
     )
