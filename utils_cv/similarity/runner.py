@@ -33,10 +33,11 @@ from __future__ import annotations
 import contextlib
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import pandas as pd
 import torch
 from fastai.learner import Learner
 from torch import nn
@@ -268,3 +269,26 @@ def _build(module: ModuleOrBuilder) -> nn.Module:
 def _set_trainable(module: nn.Module, trainable: bool) -> None:
     for parameter in module.parameters():
         parameter.requires_grad_(trainable)
+
+
+def sweep_table(runs: Mapping[object, Run], setting: str) -> pd.DataFrame:
+    """One sweep as a table: a row per value of ``setting`` with its run's numbers.
+
+    ``runs`` maps each value to the ``Run`` trained with it: test Recall@1 and MAP@R (from
+    ``test``), the best validation score, and the last epoch's training loss and, where the
+    loss reports them, its share of active triplets or proxy accuracy.
+    """
+    rows = {}
+    for value, run in runs.items():
+        last = run.history[-1] if run.history else {}
+        rows[value] = {
+            "recall@1": run.metrics.get("recall@1"),
+            "map@r": run.metrics.get("map@r"),
+            f"best {run.score_name}": run.best_score,
+            "final train_loss": last.get("train_loss"),
+        } | {
+            f"final {key[5:]}": last[key]
+            for key in ("loss_active_fraction", "loss_proxy_accuracy")
+            if key in last
+        }
+    return pd.DataFrame.from_dict(rows, orient="index").rename_axis(setting).round(4)

@@ -17,7 +17,8 @@ alone. Every loss follows one contract:
 - **Errors** say what to change in words that make sense in any project.
 """
 
+from utils_cv.similarity.losses.proxy_nca import ProxyNCALoss
 from utils_cv.similarity.losses.softmax import SoftmaxLoss
 from utils_cv.similarity.losses.triplet import TripletLoss
 
-__all__ = ["SoftmaxLoss", "TripletLoss"]
+__all__ = ["ProxyNCALoss", "SoftmaxLoss", "TripletLoss"]
