@@ -50,6 +50,23 @@ EXPECTED_KEYS = {
         "best_on_validation",
         "summary/batch_hard recall@1",
     ],
+    "02_proxy_nca": [
+        "preset",
+        "dataset",
+        "methods/softmax/recall@1",
+        "methods/batch_hard/recall@1",
+        "methods/proxy_nca/recall@1",
+        "methods/proxy_nca/map@r",
+        "history/proxy_nca/best_val_recall@1",
+        "epoch_at_90_percent/proxy_nca",
+        "sweeps/scale/3.0/recall@1",
+        "sweeps/proxy_lr_multiplier/10.0/final proxy_accuracy",
+        "sweeps/include_positive/False/recall@1",
+        "sweeps/proxies_per_class/0.5/recall@1",
+        "sweeps/proxies_per_class/2.0/recall@1",
+        "proxy_cosine_mean",
+        "summary/proxy_nca recall@1",
+    ],
 }
 
 
@@ -92,7 +109,7 @@ def test_notebook_smoke_on_your_own_images(name, domains, tmp_path):
     if name == "00_quickstart":
         cross = [key for key in flat if key.startswith("softmax_") and key.endswith("/recall@1")]
         assert cross == (["softmax_dark_to_light/recall@1"] if domains else [])
-    else:
+    else:  # 01 and 02 compare methods, batch-hard among them
         assert "methods/batch_hard/recall@1" in flat
 
 

@@ -104,3 +104,12 @@ def test_parameters_of_a_notebook_namespace_override_like_keywords():
     assert config["epochs"] == 7 and config["backbone"] == "resnet18" and config["lr"] == 0.5
     with pytest.raises(TypeError, match="EPOCHS='7'"):
         preset_config("smoke", parameters={"EPOCHS": "7"})
+
+
+def test_sweeps_name_only_settings_notebook_02_knows():
+    config = preset_config("cpu", notebook="02_proxy_nca", sweeps={"proxies_per_class": [0.5]})
+    assert config["sweeps"] == {"proxies_per_class": [0.5]}
+    with pytest.raises(ValueError, match=r"SWEEPS names unknown \['temperature'\]; choose from"):
+        preset_config("cpu", notebook="02_proxy_nca", sweeps={"temperature": [0.1]})
+    with pytest.raises(TypeError, match="SWEEPS=.*-y 'SWEEPS: "):
+        preset_config("cpu", notebook="02_proxy_nca", sweeps="{scale: [3]}")

@@ -12,7 +12,7 @@ from utils_cv.similarity import training
 from utils_cv.similarity.losses import SoftmaxLoss, TripletLoss
 from utils_cv.similarity.metrics import retrieval_metrics
 from utils_cv.similarity.models import EmbeddingNet, embed
-from utils_cv.similarity.runner import train_run
+from utils_cv.similarity.runner import sweep_table, train_run
 from utils_cv.similarity.samplers import ClassBalancedBatchSampler
 from utils_cv.similarity.training import get_history, make_learner, replace_loss
 
@@ -252,3 +252,26 @@ def test_few_validation_classes_warn_that_the_choice_is_noisy():
     with pytest.warns(UserWarning, match="only 8 classes.*noisy.*val=None"):
         train_run(small_model, triplet, stripes(0), val=stripes(1), epochs=1, lr=1e-2,
                   classes_per_batch=4, samples_per_class=3, device="cpu")  # fmt: skip
+
+
+def test_sweep_table_has_a_row_per_value():
+    runs = {
+        value: train_run(
+            small_model,
+            triplet,
+            stripes(0),
+            val=stripes(1),
+            test=stripes(2),
+            epochs=1,
+            lr=value,
+            classes_per_batch=4,
+            samples_per_class=3,
+            device="cpu",
+        )  # fmt: skip
+        for value in (1e-3, 1e-2)
+    }
+    table = sweep_table(runs, "lr")
+    assert list(table.index) == [1e-3, 1e-2] and table.index.name == "lr"
+    assert table.loc[1e-2, "recall@1"] == round(runs[1e-2].metrics["recall@1"], 4)
+    assert table.loc[1e-3, "best val_recall@1"] == round(runs[1e-3].best_score, 4)
+    assert "final active_fraction" in table.columns and "final proxy_accuracy" not in table

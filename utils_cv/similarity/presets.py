@@ -65,10 +65,19 @@ PRESETS: dict[str, dict[str, Any]] = {
 # The cures notebook 01 knows for batch-hard collapse (its CURES parameter picks from these).
 TRIPLET_CURES = ("batch_hard_soft", "batch_all_then_hard", "batch_hard_low_lr")
 
-# Settings whose values must come from a fixed list.
-CHOICES: dict[str, tuple[str, ...]] = {"cures": TRIPLET_CURES}
+# Settings whose values (or, for a dict, keys) must come from a fixed list.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "cures": TRIPLET_CURES,
+    # notebook 02's SWEEPS: setting -> values tried beside the main run
+    "sweeps": ("scale", "proxy_lr_multiplier", "include_positive", "proxies_per_class"),
+}
 # The element type of list settings, checked even where a preset's list is empty.
 LIST_TYPES: dict[str, type] = {"seeds": int, "cures": str, "sweep_margins": float}
+
+# Notebook 02's main ProxyNCA setting, chosen on the validation classes of the CPU preset
+# (see the README), and the scales it is compared with.
+MAIN_SCALE, MAIN_PROXY_LR = 9.0, 1.0
+SCALE_SWEEP = [3.0, 27.0]
 
 # What a notebook changes or adds to the shared presets, by notebook and preset name.
 NOTEBOOK_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
@@ -100,6 +109,46 @@ NOTEBOOK_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "margin": 0.2,
             "cures": list(TRIPLET_CURES),
             "sweep_margins": [0.05, 0.2, 0.5],
+        },
+    },
+    "02_proxy_nca": {
+        # One value of every sweep, both kinds of proxies_per_class (their code paths).
+        "smoke": {
+            "classes_per_batch": 8,
+            "samples_per_class": 4,
+            "margin": 0.2,
+            "scale": MAIN_SCALE,
+            "proxy_lr_multiplier": MAIN_PROXY_LR,
+            "sweeps": {
+                "scale": [3.0],
+                "proxy_lr_multiplier": [10.0],
+                "include_positive": [False],
+                "proxies_per_class": [0.5, 2],
+            },
+        },
+        # Notebook 01's budget per run; three methods and two more scales: five trainings.
+        "cpu": {
+            "image_size": 32,
+            "epochs": 12,
+            "classes_per_batch": 16,
+            "samples_per_class": 4,
+            "margin": 0.2,
+            "scale": MAIN_SCALE,
+            "proxy_lr_multiplier": MAIN_PROXY_LR,
+            "sweeps": {"scale": SCALE_SWEEP},
+        },
+        "gpu": {
+            "classes_per_batch": 32,
+            "samples_per_class": 4,
+            "margin": 0.2,
+            "scale": MAIN_SCALE,
+            "proxy_lr_multiplier": MAIN_PROXY_LR,
+            "sweeps": {
+                "scale": SCALE_SWEEP,
+                "proxy_lr_multiplier": [10.0, 100.0],
+                "include_positive": [False],
+                "proxies_per_class": [0.5, 2],
+            },
         },
     },
 }
