@@ -294,3 +294,15 @@ def test_mean_distance_by_hand_and_its_limits():
     assert mean_distance(points, max_points=2) == pytest.approx(5.0)
     with pytest.raises(ValueError, match="at least two"):
         mean_distance(points[:1])
+
+
+def test_mean_cosine_by_hand_and_its_limits():
+    from utils_cv.similarity.metrics import mean_cosine
+
+    # Rows of any length: (1, 0), (0, 2), (3, 3) -> cosines 0, sqrt(1/2), sqrt(1/2).
+    rows = torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 3.0]])
+    assert mean_cosine(rows) == pytest.approx(2 * 0.5**0.5 / 3)
+    assert mean_cosine(torch.eye(5)) == pytest.approx(0.0)
+    assert mean_cosine(rows, max_points=2) == pytest.approx(0.0)
+    with pytest.raises(ValueError, match="at least two"):
+        mean_cosine(rows[:1])

@@ -414,3 +414,20 @@ def mean_distance(embeddings, max_points: int = 500) -> float:
     if len(x) < 2:
         raise ValueError(f"mean_distance needs at least two embeddings, got {len(x)}")
     return torch.pdist(x).mean().item()
+
+
+def mean_cosine(embeddings, max_points: int | None = None) -> float:
+    """Mean cosine similarity between every two distinct rows, each L2-normalized first.
+
+    About 0 for directions spread over the sphere (random directions in high dimensions,
+    or well separated class proxies), 1 when all rows point the same way. Only the first
+    ``max_points`` rows count when given (O(max_points^2) memory).
+
+    embeddings: (N, D) float with N >= 2.
+    """
+    x = _as_embeddings(embeddings, "embeddings")[:max_points]
+    if len(x) < 2:
+        raise ValueError(f"mean_cosine needs at least two rows, got {len(x)}")
+    x = x / x.norm(dim=1, keepdim=True).clamp(min=1e-12)
+    gram = x @ x.T
+    return ((gram.sum() - gram.diagonal().sum()) / (len(x) * (len(x) - 1))).item()

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
 
+from utils_cv.similarity.metrics import mean_cosine
+
 Array = torch.Tensor | np.ndarray
 
 
@@ -84,8 +86,9 @@ def plot_proxy_map(
     Left: the embeddings of the first ``max_classes`` classes (coloured by class) and all
     proxies (black stars), L2-normalized and projected together onto their first two
     principal components; the title gives the mean cosine between embeddings (of all
-    classes), to compare with the proxies'. Right: the histogram of the cosine similarity between every two
-    distinct proxies (0: orthogonal; near 1: two proxies in one place).
+    classes, ``metrics.mean_cosine``), to compare with the proxies'. Right: the histogram
+    of the cosine similarity between every two distinct proxies (0: orthogonal; near 1:
+    two proxies in one place).
 
     Args:
         embeddings: (N, D); labels: (N,) int; proxies: (P, D), all on any device.
@@ -104,8 +107,7 @@ def plot_proxy_map(
     count = int(shown.sum())
     left.scatter(*xy[count:].T, marker="*", s=40, c="black", label="proxies")
     left.scatter(*xy[:count].T, c=labels[shown].numpy(), cmap="tab10", s=14, label="embeddings")
-    some = x[:1000]  # the mean cosine between embeddings, on at most 1,000 of them
-    spread = ((some @ some.T).sum() - len(some)) / max(1, len(some) * (len(some) - 1))
+    spread = mean_cosine(x, max_points=1000)
     left.set_title(
         f"{max_classes} classes' embeddings (mean cosine of all {spread:.2f}) and "
         f"{len(p)} proxies (PCA)",
@@ -115,6 +117,6 @@ def plot_proxy_map(
     cosine = p @ p.T
     off_diagonal = cosine[~torch.eye(len(p), dtype=torch.bool)].numpy()
     right.hist(off_diagonal, bins=50, color="tab:blue")
-    right.set_title(f"cosine between proxies (mean {off_diagonal.mean():.3f})")
+    right.set_title(f"cosine between proxies (mean {mean_cosine(p):.3f})")
     right.set_xlabel("cosine similarity")
     return fig
