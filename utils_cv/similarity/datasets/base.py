@@ -141,13 +141,17 @@ def split_summary(data: ImageData) -> str:
     >>> split_summary(data)  # doctest: +SKIP
     'train 2532 images / 763 classes, val 583 / 169, test 3216 / 975; no class in two splits'
     """
+    # From the label and split lists alone: data.split() would copy every image.
+    labels = data.labels.tolist()
     parts, classes = [], {}
     for name in SPLITS:
-        part = data.split(name)
-        classes[name] = set(part.labels.tolist())
+        in_split = [
+            label for label, split in zip(labels, data.splits, strict=True) if split == name
+        ]
+        classes[name] = set(in_split)
         unit = " images / " if not parts else " / "
         parts.append(
-            f"{name} {len(part)}{unit}{len(classes[name])}" + (" classes" if not parts else "")
+            f"{name} {len(in_split)}{unit}{len(classes[name])}" + (" classes" if not parts else "")
         )
     shared = classes["test"] & (classes["train"] | classes["val"])
     if not shared:
