@@ -187,6 +187,11 @@ class SkipValidationLoop(Callback):
         raise CancelValidException()
 
 
+def _training_fit(learn: Learner) -> bool:
+    """False during the lr finder's and get_preds' own fits, which the callbacks stay out of."""
+    return not hasattr(learn, "lr_finder") and not hasattr(learn, "gather_preds")
+
+
 class LossStatsCallback(Callback):
     """Record the training loss and average a loss module's ``stats`` over each epoch.
 
@@ -210,8 +215,7 @@ class LossStatsCallback(Callback):
         self._epochs_done = 0
 
     def before_fit(self):
-        # The lr finder and get_preds run fits of their own: stay out of them.
-        self.run = not hasattr(self.learn, "lr_finder") and not hasattr(self.learn, "gather_preds")
+        self.run = _training_fit(self.learn)
 
     def before_epoch(self):
         self._sums: dict[str, float] = {}
@@ -297,8 +301,7 @@ class RetrievalCallback(Callback):
         self._epochs_done = 0
 
     def before_fit(self):
-        # The lr finder and get_preds run fits of their own: stay out of them.
-        self.run = not hasattr(self.learn, "lr_finder") and not hasattr(self.learn, "gather_preds")
+        self.run = _training_fit(self.learn)
         if not self.run:
             return
         names = list(self.recorder.metric_names)
