@@ -113,3 +113,11 @@ def test_sweeps_name_only_settings_notebook_02_knows():
         preset_config("cpu", notebook="02_proxy_nca", sweeps={"temperature": [0.1]})
     with pytest.raises(TypeError, match="SWEEPS=.*-y 'SWEEPS: "):
         preset_config("cpu", notebook="02_proxy_nca", sweeps="{scale: [3]}")
+
+
+@pytest.mark.parametrize("preset", ["smoke", "cpu", "gpu"])
+def test_notebook_02_trains_at_notebook_01s_budget_and_batches(preset):
+    triplet = preset_config(preset, notebook="01_triplet_baseline")
+    proxy = preset_config(preset, notebook="02_proxy_nca")
+    for key in ("image_size", "epochs", "lr", "classes_per_batch", "samples_per_class", "margin"):
+        assert proxy[key] == triplet[key], key

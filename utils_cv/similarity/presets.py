@@ -111,46 +111,37 @@ NOTEBOOK_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "sweep_margins": [0.05, 0.2, 0.5],
         },
     },
-    "02_proxy_nca": {
-        # One value of every sweep, both kinds of proxies_per_class (their code paths).
-        "smoke": {
-            "classes_per_batch": 8,
-            "samples_per_class": 4,
-            "margin": 0.2,
-            "scale": MAIN_SCALE,
-            "proxy_lr_multiplier": MAIN_PROXY_LR,
-            "sweeps": {
-                "scale": [3.0],
-                "proxy_lr_multiplier": [10.0],
-                "include_positive": [False],
-                "proxies_per_class": [0.5, 2],
-            },
-        },
-        # Notebook 01's budget per run; three methods and two more scales: five trainings.
-        "cpu": {
-            "image_size": 32,
-            "epochs": 12,
-            "classes_per_batch": 16,
-            "samples_per_class": 4,
-            "margin": 0.2,
-            "scale": MAIN_SCALE,
-            "proxy_lr_multiplier": MAIN_PROXY_LR,
-            "sweeps": {"scale": SCALE_SWEEP},
-        },
-        "gpu": {
-            "classes_per_batch": 32,
-            "samples_per_class": 4,
-            "margin": 0.2,
-            "scale": MAIN_SCALE,
-            "proxy_lr_multiplier": MAIN_PROXY_LR,
-            "sweeps": {
-                "scale": SCALE_SWEEP,
-                "proxy_lr_multiplier": [10.0, 100.0],
-                "include_positive": [False],
-                "proxies_per_class": [0.5, 2],
-            },
-        },
+}
+
+
+# Notebook 02 trains at notebook 01's budget and batches: its settings start from 01's, so
+# the two stay equal by construction, then add the ProxyNCA ones.
+_SHARED_WITH_01 = ("image_size", "epochs", "classes_per_batch", "samples_per_class", "margin")
+_PROXY_NCA = {
+    # One value of every sweep, both kinds of proxies_per_class (their code paths).
+    "smoke": {
+        "scale": [3.0],
+        "proxy_lr_multiplier": [10.0],
+        "include_positive": [False],
+        "proxies_per_class": [0.5, 2],
     },
+    # Three methods and two more scales: five trainings.
+    "cpu": {"scale": SCALE_SWEEP},
+    "gpu": {
+        "scale": SCALE_SWEEP,
+        "proxy_lr_multiplier": [10.0, 100.0],
+        "include_positive": [False],
+        "proxies_per_class": [0.5, 2],
+    },
+}
+NOTEBOOK_PRESETS["02_proxy_nca"] = {
+    name: {
+        k: v
+        for k, v in NOTEBOOK_PRESETS["01_triplet_baseline"][name].items()
+        if k in _SHARED_WITH_01
+    }
+    | {"scale": MAIN_SCALE, "proxy_lr_multiplier": MAIN_PROXY_LR, "sweeps": sweeps}
+    for name, sweeps in _PROXY_NCA.items()
 }
 
 
