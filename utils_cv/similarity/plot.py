@@ -83,9 +83,9 @@ def show_class_examples(data, count: int = 6, per_class: int = 4) -> Figure:
     ranked = sorted(by_class, key=lambda label: (-len(by_class[label]), label))[:count]
     if not ranked:
         raise ValueError("data has no images to show")
+    rank = {domain: k for k, domain in enumerate(order)}
     tiles, titles = [], []
     for label in sorted(ranked):
-        rank = {d: k for k, d in enumerate(order)}
         for i in sorted(by_class[label], key=lambda i: rank.get(data.domains[i], 0))[:per_class]:
             tiles.append(data.images[i])
             titles.append(f"{data.class_names[label][:18]}\n{data.domains[i]}".rstrip())
