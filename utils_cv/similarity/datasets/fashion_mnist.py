@@ -27,6 +27,16 @@ FASHION_MNIST_CLASSES = [
 ]
 
 
+def resize_uint8(images: torch.Tensor, image_size: int) -> torch.Tensor:
+    """(N, C, H, W) uint8 images resized to (N, C, image_size, image_size), antialiased."""
+    if image_size == images.shape[-1] and image_size == images.shape[-2]:
+        return images
+    resized = torch.nn.functional.interpolate(
+        images.float(), size=(image_size, image_size), mode="bilinear", antialias=True
+    )
+    return resized.round().clamp(0, 255).to(torch.uint8)
+
+
 def _read_idx(path: Path) -> np.ndarray:
     """An IDX file (the MNIST format), gzipped or not, as a numpy uint8 array."""
     opener = gzip.open if path.suffix == ".gz" else open
@@ -101,11 +111,7 @@ def load_fashion_mnist(
             )
         parts.append((images, labels, split))
     images = torch.from_numpy(np.concatenate([p[0] for p in parts])).unsqueeze(1)
-    if image_size != images.shape[-1]:
-        images = torch.nn.functional.interpolate(
-            images.float(), size=(image_size, image_size), mode="bilinear", antialias=True
-        )
-        images = images.round().clamp(0, 255).to(torch.uint8)
+    images = resize_uint8(images, image_size)
     labels = torch.from_numpy(np.concatenate([p[1] for p in parts]).astype(np.int64))
     if labels.numel() and int(labels.max()) >= len(FASHION_MNIST_CLASSES):
         raise ValueError(f"Fashion-MNIST labels in {folder} go up to {int(labels.max())}, not 9")
