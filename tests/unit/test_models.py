@@ -6,6 +6,7 @@ from urllib.error import URLError
 
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
 from torch import nn
 from torchvision.models import ResNet18_Weights
@@ -194,3 +195,42 @@ def test_a_weights_file_placed_where_the_message_says_loads_offline(tmp_path, mo
 def test_small_cnn_has_no_weights_and_says_which_backbones_do():
     with pytest.raises(ValueError, match="small_cnn has no pretrained weights.*resnet18"):
         EmbeddingNet("small_cnn", weights="IMAGENET1K_V1")
+
+
+@pytest.mark.parametrize("embedding_size", [64, None, 256])
+def test_normsoftmax_head_is_pooling_layer_norm_linear_then_l2_norm(embedding_size):
+    set_seed(0)
+    model = EmbeddingNet("small_cnn", embedding_size=embedding_size, layer_norm=True).eval()
+    assert list(model.layer_norm.parameters()) == []
+    if embedding_size == 64:
+        assert model.linear.weight.shape == (64, 256) and model.linear.bias is None
+    else:  # the backbone's 256 channels already: no linear layer
+        assert model.linear is None
+    # What reaches the LayerNorm and what leaves it during model(x).
+    seen = {}
+    handle = model.layer_norm.register_forward_hook(
+        lambda module, inputs, output: seen.update(inputs=inputs[0], output=output)
+    )
+    x = torch.rand(4, 3, 32, 32)
+    try:
+        with torch.no_grad():
+            out = model(x)
+            pooled = model.pool(model.features(x))
+    finally:
+        handle.remove()
+    torch.testing.assert_close(seen["inputs"], pooled)
+    normed = seen["output"]
+    # Zero mean and unit (biased) variance per row, up to LayerNorm's eps of 1e-5.
+    variance = pooled.var(dim=1, unbiased=False)
+    torch.testing.assert_close(normed.mean(dim=1), torch.zeros(4), atol=1e-5, rtol=0)
+    torch.testing.assert_close(normed.var(dim=1, unbiased=False), variance / (variance + 1e-5))
+    torch.testing.assert_close(normed.var(dim=1, unbiased=False), torch.ones(4), atol=1e-2, rtol=0)
+    with torch.no_grad():
+        head = model.layer_norm(pooled) if model.linear is None else model.linear(normed)
+        torch.testing.assert_close(out, F.normalize(head, dim=1))
+        if model.linear is not None:
+            # Another order gives another embedding: LayerNorm after the linear layer, or none.
+            after = F.normalize(F.layer_norm(model.linear(pooled), (64,)), dim=1)
+            assert not torch.allclose(out, after, atol=1e-3)
+            assert not torch.allclose(out, F.normalize(model.linear(pooled), dim=1), atol=1e-3)
+    torch.testing.assert_close(out.norm(dim=1), torch.ones(4))

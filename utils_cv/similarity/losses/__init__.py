@@ -17,8 +17,9 @@ alone. Every loss follows one contract:
 - **Errors** say what to change in words that make sense in any project.
 """
 
+from utils_cv.similarity.losses.norm_softmax import NormSoftmaxLoss
 from utils_cv.similarity.losses.proxy_nca import ProxyNCALoss
 from utils_cv.similarity.losses.softmax import SoftmaxLoss
 from utils_cv.similarity.losses.triplet import TripletLoss
 
-__all__ = ["ProxyNCALoss", "SoftmaxLoss", "TripletLoss"]
+__all__ = ["NormSoftmaxLoss", "ProxyNCALoss", "SoftmaxLoss", "TripletLoss"]
