@@ -67,6 +67,26 @@ EXPECTED_KEYS = {
         "proxy_cosine_mean",
         "summary/proxy_nca recall@1",
     ],
+    "03_norm_softmax": [
+        "preset",
+        "dataset",
+        "sweep_seeds",
+        "methods/softmax/recall@1",
+        "methods/batch_hard/recall@1",
+        "methods/proxy_nca/recall@1",
+        "methods/norm_softmax/recall@1",
+        "methods/norm_softmax/map@r",
+        "history/norm_softmax/best_val_recall@1",
+        "layer_norm_effect/after LayerNorm/share > 0",
+        "sweeps/temperature/0.2/recall@1",
+        "sweeps/layer_norm/False/recall@1",
+        "sweeps/layer_norm/True/best val",
+        "sweeps/samples_per_class/None/recall@1",
+        "sweeps/samples_per_class/8/recall@1",
+        "sweeps/embedding_size/32/recall@1",
+        "sweeps/frozen_epochs/0/recall@1",
+        "summary/norm_softmax recall@1",
+    ],
 }
 
 
@@ -109,7 +129,7 @@ def test_notebook_smoke_on_your_own_images(name, domains, tmp_path):
     if name == "00_quickstart":
         cross = [key for key in flat if key.startswith("softmax_") and key.endswith("/recall@1")]
         assert cross == (["softmax_dark_to_light/recall@1"] if domains else [])
-    else:  # 01 and 02 compare methods, batch-hard among them
+    else:  # 01 to 03 compare methods, batch-hard among them
         assert "methods/batch_hard/recall@1" in flat
 
 

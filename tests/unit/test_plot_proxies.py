@@ -50,3 +50,26 @@ def test_proxy_map_reports_the_mean_cosine_between_proxies():
     assert len(stars.get_offsets()) == 4 and len(dots.get_offsets()) == 10  # 2 classes of 5
     with pytest.raises(ValueError, match="D=8 but proxies D=3"):
         plot_proxies.plot_proxy_map(embeddings, labels, torch.eye(3))
+
+
+def test_temperatures_match_a_softmax_and_its_gradient_computed_by_torch():
+    margins = [-0.3, 0.0, 0.4]
+    fig = plot_proxies.plot_temperatures([1.0, 0.1], num_classes=5, margins=margins)
+    left, right = fig.axes
+    for t, p_line, grad_line in zip([1.0, 0.1], left.lines, right.lines, strict=True):
+        cosines = torch.zeros(3, 5, dtype=torch.float64)
+        cosines[:, 0] = torch.tensor(margins, dtype=torch.float64)
+        cosines.requires_grad_(True)
+        loss = torch.nn.functional.cross_entropy(cosines / t, torch.zeros(3, dtype=torch.long),
+                                                 reduction="sum")  # fmt: skip
+        loss.backward()
+        p_own = torch.softmax(cosines.detach() / t, dim=1)[:, 0]
+        np.testing.assert_allclose(p_line.get_ydata(), p_own.numpy(), rtol=1e-9)
+        np.testing.assert_allclose(grad_line.get_ydata(), -cosines.grad[:, 0].numpy(), rtol=1e-9)
+    # The smallest loss: own cosine 1, the four others at -1/4.
+    floor = torch.nn.functional.cross_entropy(
+        torch.tensor([[1.0, -0.25, -0.25, -0.25, -0.25]]) / 1.0, torch.tensor([0])
+    )
+    assert left.get_legend().get_texts()[0].get_text() == f"T = 1 (loss ≥ {floor.item():.2g})"
+    with pytest.raises(ValueError, match="temperature > 0"):
+        plot_proxies.plot_temperatures([0.0], num_classes=5)

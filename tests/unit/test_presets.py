@@ -121,3 +121,29 @@ def test_notebook_02_trains_at_notebook_01s_budget_and_batches(preset):
     proxy = preset_config(preset, notebook="02_proxy_nca")
     for key in ("image_size", "epochs", "lr", "classes_per_batch", "samples_per_class", "margin"):
         assert proxy[key] == triplet[key], key
+
+
+def test_sweeps_name_only_settings_notebook_03_knows():
+    config = preset_config("cpu", notebook="03_norm_softmax", sweeps={"temperature": [0.1]})
+    assert config["sweeps"] == {"temperature": [0.1]}
+    with pytest.raises(ValueError, match=r"SWEEPS names unknown \['scale'\]; choose from"):
+        preset_config("cpu", notebook="03_norm_softmax", sweeps={"scale": [3.0]})
+    with pytest.raises(TypeError, match="SWEEP_SEEDS=.*a list of integers"):
+        preset_config("cpu", notebook="03_norm_softmax", sweep_seeds=[0.5])
+
+
+@pytest.mark.parametrize("preset", ["smoke", "cpu", "gpu"])
+def test_notebook_03_compares_at_the_budget_and_settings_of_01_and_02(preset):
+    triplet = preset_config(preset, notebook="01_triplet_baseline")
+    proxy = preset_config(preset, notebook="02_proxy_nca")
+    norm = preset_config(preset, notebook="03_norm_softmax")
+    for key in ("image_size", "epochs", "lr", "classes_per_batch", "samples_per_class", "margin"):
+        assert norm[key] == triplet[key], key
+    assert (norm["scale"], norm["proxy_lr_multiplier"]) == (
+        proxy["scale"],
+        proxy["proxy_lr_multiplier"],
+    )
+    # Every S the sweep tries leaves at least two classes in a batch.
+    batch = norm["classes_per_batch"] * norm["samples_per_class"]
+    for s in norm["sweeps"].get("samples_per_class", []):
+        assert s is None or 1 <= s <= batch // 2, s

@@ -120,3 +120,47 @@ def plot_proxy_map(
     right.set_title(f"cosine between proxies (mean {mean_cosine(p):.3f})")
     right.set_xlabel("cosine similarity")
     return fig
+
+
+def plot_temperatures(
+    temperatures: Sequence[float], num_classes: int, margins: Sequence[float] | None = None
+) -> Figure:
+    """What the temperature T of a cosine softmax does, as a function of the margin.
+
+    A sample's logits are its cosines to the C class weights divided by T. Take the simplest
+    case: its own class at cosine ``m`` above the C - 1 others, which are all equal. Then
+
+        p(own) = 1 / (1 + (C - 1) exp(-m / T)),   d loss / d cos(own) = -(1 - p(own)) / T.
+
+    Left: p(own) against m, one line per T. Right: the size of that gradient (log axis).
+    Each legend gives the smallest loss T allows with C classes: own cosine 1, the others at
+    -1 / (C - 1) (the most any C unit vectors can spread), ``log(1 + (C - 1) exp(-(1 + 1 /
+    (C - 1)) / T))``: at T = 1 and hundreds of classes the loss cannot fall below several
+    nats, so every sample keeps pulling; at T = 0.05 it can reach zero.
+
+    Args:
+        temperatures: the values of T (> 0) to compare.
+        num_classes: C (>= 2).
+        margins: the values of m on the x axis (default -0.5 to 1).
+    """
+    if num_classes < 2 or not temperatures or min(temperatures) <= 0:
+        raise ValueError("pass num_classes >= 2 and at least one temperature > 0")
+    m = np.linspace(-0.5, 1.0, 301) if margins is None else np.asarray(margins, dtype=float)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6), layout="constrained")
+    others = num_classes - 1
+    for t in temperatures:
+        # p = sigmoid(m / T - log(C - 1)) and 1 - p, each written without cancellation.
+        z = np.clip(m / t - np.log(others), -700, 700)
+        p_own, p_rest = 1 / (1 + np.exp(-z)), 1 / (1 + np.exp(z))
+        floor = np.log1p(others * np.exp(-(1 + 1 / others) / t))
+        left.plot(m, p_own, label=f"T = {t:g} (loss ≥ {floor:.2g})")
+        right.plot(m, p_rest / t, label=f"T = {t:g}")
+    left.set_ylabel("p(own class)")
+    right.set_ylabel("|d loss / d cos(own)|")
+    right.set_yscale("log")
+    right.set_ylim(bottom=1e-4)  # below, the image is done: nothing pulls any more
+    for ax in (left, right):
+        ax.set_xlabel(f"margin m: own cosine minus the others' ({num_classes} classes)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return fig

@@ -65,14 +65,29 @@ PRESETS: dict[str, dict[str, Any]] = {
 # The cures notebook 01 knows for batch-hard collapse (its CURES parameter picks from these).
 TRIPLET_CURES = ("batch_hard_soft", "batch_all_then_hard", "batch_hard_low_lr")
 
-# Settings whose values (or, for a dict, keys) must come from a fixed list.
-CHOICES: dict[str, tuple[str, ...]] = {
+# Settings whose values (or, for a dict, keys) must come from a fixed list; a dict of lists
+# holds one list per notebook.
+CHOICES: dict[str, tuple[str, ...] | dict[str, tuple[str, ...]]] = {
     "cures": TRIPLET_CURES,
-    # notebook 02's SWEEPS: setting -> values tried beside the main run
-    "sweeps": ("scale", "proxy_lr_multiplier", "include_positive", "proxies_per_class"),
+    # SWEEPS: setting -> values tried beside the main run
+    "sweeps": {
+        "02_proxy_nca": ("scale", "proxy_lr_multiplier", "include_positive", "proxies_per_class"),
+        "03_norm_softmax": (
+            "temperature",
+            "layer_norm",
+            "samples_per_class",
+            "embedding_size",
+            "frozen_epochs",
+        ),
+    },
 }
 # The element type of list settings, checked even where a preset's list is empty.
-LIST_TYPES: dict[str, type] = {"seeds": int, "cures": str, "sweep_margins": float}
+LIST_TYPES: dict[str, type] = {
+    "seeds": int,
+    "sweep_seeds": int,
+    "cures": str,
+    "sweep_margins": float,
+}
 
 # Notebook 02's main ProxyNCA setting, chosen on the validation classes of the CPU preset
 # (see the README), and the scales it is compared with.
@@ -145,6 +160,47 @@ NOTEBOOK_PRESETS["02_proxy_nca"] = {
 }
 
 
+# Notebook 03's main NormSoftmax setting, chosen on the validation classes of the CPU preset
+# (see the README): the temperature, and S images of each of batch // S classes per batch,
+# or None for random batches.
+MAIN_TEMPERATURE, MAIN_SAMPLES_PER_CLASS = 0.05, None
+_NORM_SOFTMAX = {
+    # One value of every sweep (their code paths), at the smoke batch of 32.
+    "smoke": {
+        "temperature": [0.2],
+        "layer_norm": [False],
+        "samples_per_class": [1, 8],
+        "embedding_size": [32],
+        "frozen_epochs": [0],
+    },
+    # Four methods and LayerNorm off: five trainings (the other sweeps: README, or SWEEPS).
+    "cpu": {"layer_norm": [False]},
+    # The paper's sweeps, at the batch of 128.
+    "gpu": {
+        "temperature": [0.02, 0.1, 0.2],
+        "layer_norm": [False],
+        "samples_per_class": [1, 2, 3, 4, 8, 16, 32, 64],
+        "embedding_size": [64, 128, 256, 1024, 2048],
+        "frozen_epochs": [0],
+    },
+}
+_SWEEP_SEEDS = {"smoke": [0], "cpu": [0], "gpu": [0]}
+NOTEBOOK_PRESETS["03_norm_softmax"] = {
+    name: {
+        k: v
+        for k, v in NOTEBOOK_PRESETS["02_proxy_nca"][name].items()
+        if k in (*_SHARED_WITH_01, "scale", "proxy_lr_multiplier")
+    }
+    | {
+        "temperature": MAIN_TEMPERATURE,
+        "norm_samples_per_class": MAIN_SAMPLES_PER_CLASS,
+        "sweeps": sweeps,
+        "sweep_seeds": _SWEEP_SEEDS[name],
+    }
+    for name, sweeps in _NORM_SOFTMAX.items()
+}
+
+
 def resolve_preset(preset: str) -> str:
     """Map ``"auto"`` to ``"gpu"`` or ``"cpu"``; check any other name exists."""
     if preset == "auto":
@@ -186,6 +242,8 @@ def preset_config(
             _check_override(key, value, config[key])
             config[key] = value
     for key, allowed in CHOICES.items():
+        if isinstance(allowed, dict):
+            allowed = allowed.get(notebook, ())
         unknown = [value for value in config.get(key, []) if value not in allowed]
         if unknown:
             raise ValueError(f"{key.upper()} names unknown {unknown}; choose from {list(allowed)}")
