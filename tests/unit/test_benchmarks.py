@@ -50,3 +50,27 @@ def test_train_speed_times_both_loops(tmp_path):
     assert result["ratio"] == pytest.approx(expected, abs=2 / speeds["bare"])
     assert result["meets_target"] == (result["ratio"] >= result["target"])
     assert result["config"]["precision"] == "fp32"  # the CPU default
+
+
+def test_binary_search_times_every_method(tmp_path):
+    result = run_script(
+        "binary_search.py", tmp_path,
+        "--n", "300", "--queries", "20", "--bits", "64", "128", "--ks", "1", "5", "--repeats", "1",
+    )  # fmt: skip
+    rows = {(row["bits"], row["method"], row["k"]): row for row in result["rows"]}
+    methods = ("hamming", "float", "float_bytes", "faiss_binary", "faiss_float")
+    assert set(rows) == {(b, m, k) for b in (64, 128) for m in methods for k in (1, 5)}
+    assert all(row["queries_per_second"] > 0 for row in rows.values())
+    for bits in (64, 128):
+        sizes = {m: rows[bits, m, 1]["bytes_per_vector"] for m in methods}
+        assert sizes["hamming"] == sizes["faiss_binary"] == sizes["float_bytes"] == bits // 8
+        assert sizes["float"] == sizes["faiss_float"] == 32 * sizes["hamming"]
+        assert result["faiss_agrees"][str(bits)]  # the same k smallest Hamming distances
+        for k in (1, 5):
+            expected = (
+                rows[bits, "hamming", k]["queries_per_second"]
+                / rows[bits, "float", k]["queries_per_second"]
+            )
+            assert result["speedup"][str(bits)][str(k)] == pytest.approx(expected)
+    slowest = min(s for by_k in result["speedup"].values() for s in by_k.values())
+    assert result["meets_target"] == (slowest >= result["target"])

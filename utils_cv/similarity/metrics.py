@@ -14,6 +14,9 @@ test image is a query, all other test images are the reference set, and a refere
 each averaged over the queries. Queries whose class has no other member in the reference set
 cannot score and are left out of all of them, as pytorch-metric-learning does.
 
+metric="hamming" takes packed binary codes (`binary.binarize`) instead of float embeddings and
+gives exactly the numbers of metric="squared_euclidean" on the unpacked bits, ties included.
+
 Exact search: the distance matrix of N queries against N references does not fit in memory for
 large N (60,502 SOP test images: 14.6 GB in float32), so queries are processed in chunks; each
 chunk is one matrix product against all references followed by `torch.topk`, and memory grows
@@ -25,7 +28,15 @@ from collections.abc import Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-METRICS = ("euclidean", "squared_euclidean", "cosine")
+from utils_cv.similarity.binary import (
+    _as_codes,
+    _hamming_block,
+    _searchable,
+    _unpack,
+    hamming_distances,
+)
+
+METRICS = ("euclidean", "squared_euclidean", "cosine", "hamming")
 
 # Memory for one chunk's block of distances; sets the default chunk size.
 # 256 MB holds 1,109 rows against the 60,502 SOP test images in float32.
@@ -49,12 +60,28 @@ def _as_embeddings(x, name: str) -> torch.Tensor:
     return x
 
 
+def _as_input(x, name: str, metric: str) -> torch.Tensor:
+    """Packed uint8 codes for metric="hamming", float embeddings for the others."""
+    return _as_codes(x, name) if metric == "hamming" else _as_embeddings(x, name)
+
+
 def _check_metric(metric: str) -> None:
     if metric not in METRICS:
         raise ValueError(f"metric={metric!r} is not supported; use one of {METRICS}")
 
 
+def _check_widths(query: torch.Tensor, reference: torch.Tensor, metric: str, name="query") -> None:
+    if query.shape[1] != reference.shape[1]:
+        unit = "bytes per code" if metric == "hamming" else "dimensions"
+        raise ValueError(
+            f"{name} has {query.shape[1]} {unit} but reference has {reference.shape[1]}; "
+            "both need the same size"
+        )
+
+
 def _prepare(x: torch.Tensor, metric: str) -> torch.Tensor:
+    if metric == "hamming":
+        return _searchable(x)  # codes on the CPU, ±1 vectors on a GPU (see binary.py)
     # Cosine distance is the Euclidean geometry of unit vectors; normalize once, not per chunk.
     # A zero vector has no direction: it stays zero and is at cosine distance 1 from everything.
     return torch.nn.functional.normalize(x, dim=1) if metric == "cosine" else x
@@ -73,8 +100,11 @@ def _rank_scores(
     euclidean:  ||r||^2 - 2 q.r  (= ||q - r||^2 - ||q||^2; the constant ||q||^2 of a row is
                 added back only for the k distances kept, see `_scores_to_distances`)
     cosine:     -q.r             (= (1 - cos) - 1 for unit vectors)
+    hamming:    the Hamming distance itself, exact integers (int32 from popcount on the CPU)
     `out` lets the caller reuse one buffer for every chunk instead of allocating each time.
     """
+    if metric == "hamming":
+        return _hamming_block(query, reference, out=out)
     if metric == "cosine":
         return torch.mm(-query, reference.T, out=out)
     if reference_sq is None:
@@ -85,6 +115,8 @@ def _rank_scores(
 
 def _scores_to_distances(scores: torch.Tensor, query: torch.Tensor, metric: str) -> torch.Tensor:
     """Turn `_rank_scores` (Q, k) into distances; the expansion can dip below 0 by rounding."""
+    if metric == "hamming":
+        return scores
     if metric == "cosine":
         return (scores + 1).clamp_(0, 2)
     squared = (scores + (query * query).sum(dim=1, keepdim=True)).clamp_(min=0)
@@ -97,10 +129,12 @@ def compute_distances(query, reference, metric: str = "euclidean") -> torch.Tens
     Args:
         query: (Q, D) float, torch tensor or numpy array.
         reference: (R, D) float.
-        metric: "euclidean" ||q - r||, "squared_euclidean" ||q - r||^2, or "cosine" 1 - cos(q, r).
+        metric: "euclidean" ||q - r||, "squared_euclidean" ||q - r||^2, "cosine" 1 - cos(q, r),
+            or "hamming" for packed uint8 codes (`binary.hamming_distances`).
 
     Returns:
-        (Q, R) tensor on the inputs' device, float64 for float64 inputs, float32 otherwise.
+        (Q, R) tensor on the inputs' device, float64 for float64 inputs, int32 for "hamming",
+        float32 otherwise.
 
     Computed as ||q||^2 + ||r||^2 - 2 q.r (one matrix product). In float32 this expansion
     loses about 7 digits relative to ||q||^2 + ||r||^2: two identical unit vectors come out at
@@ -110,11 +144,10 @@ def compute_distances(query, reference, metric: str = "euclidean") -> torch.Tens
     matrix: use `nearest_neighbors` for large sets.
     """
     _check_metric(metric)
+    if metric == "hamming":
+        return hamming_distances(query, reference)
     query, reference = _as_embeddings(query, "query"), _as_embeddings(reference, "reference")
-    if query.shape[1] != reference.shape[1]:
-        raise ValueError(
-            f"query has dimension {query.shape[1]} but reference has {reference.shape[1]}"
-        )
+    _check_widths(query, reference, metric)
     dtype = query.dtype
     query64 = _prepare(query.double(), metric)
     reference64 = _prepare(reference.double().to(query.device), metric)
@@ -139,25 +172,30 @@ def _neighbor_chunks(
 ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
     """Yield (start, distances (c, k), indices (c, k)) on `device` for chunks of c queries.
 
-    query: (Q, D), reference: (N, D). self_index: (Q,) position of each query in `reference`
-    when the query belongs to it; that one reference is excluded from the query's neighbours.
+    query: (Q, D), reference: (N, D) (packed codes for "hamming"). self_index: (Q,) position
+    of each query in `reference` when the query belongs to it; that one reference is excluded
+    from the query's neighbours.
     """
+    reference = _prepare(reference.to(device, query.dtype), metric)
+    query = _prepare(query.to(device), metric)
+    # Popcount gives int32 Hamming distances; everything else scores in the reference's type.
+    dtype = reference.dtype if reference.is_floating_point() else torch.int32
     if chunk_size is None:
-        chunk_size = max(1, BLOCK_BYTES // (reference.element_size() * len(reference)))
+        chunk_size = max(1, BLOCK_BYTES // (dtype.itemsize * len(reference)))
     elif chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size} must be a positive number of queries")
     chunk_size = min(chunk_size, len(query))
-    query = _prepare(query.to(device), metric)
-    reference = _prepare(reference.to(device, query.dtype), metric)
-    reference_sq = None if metric == "cosine" else (reference * reference).sum(dim=1)
-    block = torch.empty(chunk_size, len(reference), dtype=reference.dtype, device=device)
+    euclidean = metric in ("euclidean", "squared_euclidean")
+    reference_sq = (reference * reference).sum(dim=1) if euclidean else None
+    block = torch.empty(chunk_size, len(reference), dtype=dtype, device=device)
+    excluded = torch.inf if dtype.is_floating_point else torch.iinfo(dtype).max
     for start in range(0, len(query), chunk_size):
         chunk = query[start : start + chunk_size]
         scores = _rank_scores(chunk, reference, metric, reference_sq, out=block[: len(chunk)])
         if self_index is not None:
             # By index, not by distance 0: a duplicate of the query is a genuine neighbour.
             rows = torch.arange(len(chunk), device=device)
-            scores[rows, self_index[start : start + len(chunk)].to(device)] = torch.inf
+            scores[rows, self_index[start : start + len(chunk)].to(device)] = excluded
         values, indices = _smallest(scores, k)
         yield start, _scores_to_distances(values, chunk, metric), indices
 
@@ -167,7 +205,8 @@ def _smallest(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]
 
     `torch.topk` alone breaks ties in an order that changes with k, so Recall@1 would depend
     on which other K were asked for. Here equal scores come in column order, and a tie that
-    straddles the k-th place keeps its lowest columns. Rows without ties cost nothing extra.
+    straddles the k-th place keeps its lowest columns. Rows without ties cost nothing extra;
+    a straddling tie, the rule for Hamming distances, costs a few passes over the row.
     """
     extra = int(k < scores.shape[1])  # one more to see whether a tie straddles the k-th place
     values, indices = torch.topk(scores, k + extra, dim=1, largest=False)
@@ -185,9 +224,17 @@ def _smallest(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]
         order = (run * scores.shape[1] + row_indices).argsort(dim=1)
         values[rows], indices[rows] = row_values.gather(1, order), row_indices.gather(1, order)
     if straddles is not None and straddles.any():
+        # Keep every score below the k-th value and the lowest columns of those equal to it:
+        # k per row, found in column order. A full sort of each row would cost far more.
         rows = straddles.nonzero().flatten()
-        row_values, row_indices = torch.sort(scores[rows], dim=1, stable=True)
-        values[rows], indices[rows] = row_values[:, :k], row_indices[:, :k]
+        row_scores, kth = scores[rows], values[rows, k - 1 :]
+        below, at = row_scores < kth, row_scores == kth
+        needed = k - below.sum(dim=1, keepdim=True, dtype=torch.int32)
+        keep = below | (at & (at.cumsum(dim=1, dtype=torch.int32) <= needed))
+        columns = keep.nonzero()[:, 1].view(len(rows), k)
+        row_values = row_scores.gather(1, columns)
+        row_values, order = torch.sort(row_values, dim=1, stable=True)
+        values[rows], indices[rows] = row_values, columns.gather(1, order)
     return values, indices
 
 
@@ -206,13 +253,15 @@ def nearest_neighbors(
         reference: (N, D) float; None searches `query` against itself, each query's own row
             excluded (by index: an exact duplicate of a query still counts as a neighbour).
         k: neighbours per query, at most N (N - 1 when `reference` is None).
-        metric: "euclidean", "squared_euclidean" or "cosine" (1 - cos), see `compute_distances`.
+        metric: "euclidean", "squared_euclidean", "cosine" (1 - cos), or "hamming" for packed
+            uint8 codes (Q, B) and (N, B), see `compute_distances`.
         chunk_size: queries per chunk; memory is about chunk_size * N distances. None picks
             the chunk so that one block of distances takes `BLOCK_BYTES` (256 MB).
         device: where to compute; None means CUDA when available, else CPU.
 
     Returns:
-        distances (Q, k) float and indices (Q, k) int64 into `reference`, on the CPU.
+        distances (Q, k) float (int32 for "hamming") and indices (Q, k) int64 into
+        `reference`, on the CPU.
 
     The search computes float32 distances (float64 for float64 inputs) by the expansion of
     `compute_distances`: squared distances carry an absolute error of about
@@ -222,22 +271,20 @@ def nearest_neighbors(
     does not change with the other K asked for.
     """
     _check_metric(metric)
-    query = _as_embeddings(query, "query")
+    query = _as_input(query, "query", metric)
     self_index = None
     if reference is None:
         reference, self_index = query, torch.arange(len(query))
     else:
-        reference = _as_embeddings(reference, "reference")
-    if query.shape[1] != reference.shape[1]:
-        raise ValueError(
-            f"query has dimension {query.shape[1]} but reference has {reference.shape[1]}"
-        )
+        reference = _as_input(reference, "reference", metric)
+    _check_widths(query, reference, metric)
     available = len(reference) - (self_index is not None)
     if not 1 <= k <= available:
         raise ValueError(
             f"k={k} but there are {available} references per query; use 1 <= k <= {available}"
         )
-    distances = torch.empty(len(query), k, dtype=query.dtype)
+    dtype = torch.int32 if metric == "hamming" else query.dtype
+    distances = torch.empty(len(query), k, dtype=dtype)
     indices = torch.empty(len(query), k, dtype=torch.int64)
     for start, chunk_distances, chunk_indices in _neighbor_chunks(
         query, reference, k, metric, chunk_size, _default_device(device), self_index
@@ -279,19 +326,21 @@ def retrieval_metrics(
     """Recall@K, MAP@R and R-Precision (and optionally NMI) by exact nearest-neighbour search.
 
     Args:
-        embeddings: (N, D) float, torch tensor or numpy array: the queries.
+        embeddings: (N, D) float, torch tensor or numpy array: the queries; (N, B) uint8
+            packed bits for metric="hamming".
         labels: (N,) class of each query (any integers or strings).
         ks: the K of Recall@K; CUB/Cars report (1, 2, 4, 8), SOP (1, 10, 100, 1000).
         reference, reference_labels: (M, D) and (M,): a separate reference set (In-Shop style).
             None: every query searches all other `embeddings` (the query itself excluded).
             With a reference set nothing is excluded, so don't pass the queries as references.
-        metric: "euclidean", "squared_euclidean" (same ranking) or "cosine", see
-            `compute_distances`.
+        metric: "euclidean", "squared_euclidean" (same ranking), "cosine" or "hamming" (packed
+            codes), see `compute_distances`.
         nmi: also cluster the queries with k-means (faiss, k = number of query classes,
-            20 iterations, seed 0, on unit vectors for metric="cosine") and return the
-            normalized mutual information between clusters and labels, sklearn's
-            `normalized_mutual_info_score` with average_method="arithmetic". All queries are
-            clustered, including those without a positive. Slow for many classes.
+            20 iterations, seed 0, on unit vectors for metric="cosine", on the bits as 0.0 and
+            1.0 for metric="hamming") and return the normalized mutual information between
+            clusters and labels, sklearn's `normalized_mutual_info_score` with
+            average_method="arithmetic". All queries are clustered, including those without a
+            positive. Slow for many classes.
         chunk_size, device: see `nearest_neighbors`.
 
     Returns:
@@ -303,7 +352,7 @@ def retrieval_metrics(
     """
     _check_metric(metric)
     ks = _ks(ks)
-    query = _as_embeddings(embeddings, "embeddings")
+    query = _as_input(embeddings, "embeddings", metric)
     query_labels = _as_labels(labels, len(query), "labels")
     self_search = reference is None
     if self_search:
@@ -313,12 +362,9 @@ def retrieval_metrics(
     else:
         if reference_labels is None:
             raise ValueError("reference given without reference_labels; pass both")
-        reference = _as_embeddings(reference, "reference")
+        reference = _as_input(reference, "reference", metric)
         reference_labels = _as_labels(reference_labels, len(reference), "reference_labels")
-        if reference.shape[1] != query.shape[1]:
-            raise ValueError(
-                f"embeddings have dimension {query.shape[1]} but reference has {reference.shape[1]}"
-            )
+        _check_widths(query, reference, metric, "embeddings")
 
     # One integer code per class over queries and references together, so classes compare as ints.
     _, codes = np.unique(np.concatenate([query_labels, reference_labels]), return_inverse=True)
@@ -389,7 +435,9 @@ def _nmi(embeddings: torch.Tensor, labels: np.ndarray, metric: str, seed: int = 
     import faiss
     from sklearn.metrics import normalized_mutual_info_score
 
-    x = np.ascontiguousarray(_prepare(embeddings, metric).cpu().numpy(), dtype=np.float32)
+    # On bits, squared L2 is the Hamming distance; the padding bits are 0 everywhere.
+    x = _unpack(embeddings) if metric == "hamming" else _prepare(embeddings, metric)
+    x = np.ascontiguousarray(x.cpu().numpy(), dtype=np.float32)
     num_classes = len(np.unique(labels))
     # min_points_per_centroid=1: few images per class is the normal case here, not a mistake
     # for faiss to warn about.
