@@ -42,14 +42,6 @@ def _as_codes(codes, name: str) -> torch.Tensor:
     return x.contiguous()
 
 
-def _check_widths(query: torch.Tensor, reference: torch.Tensor, name: str = "query") -> None:
-    if query.shape[1] != reference.shape[1]:
-        raise ValueError(
-            f"{name} has {query.shape[1]} bytes per code but reference has {reference.shape[1]}; "
-            "pack both from embeddings of the same size"
-        )
-
-
 def binarize(embeddings) -> np.ndarray:
     """Pack the signs of embeddings into bits: bit j of a row is 1 when its value j is > 0.
 
@@ -161,11 +153,11 @@ def hamming_distances(query_codes, reference_codes, chunk_size: int | None = Non
     Returns:
         (Q, R) int32 tensor on the device of `query_codes`.
     """
-    from utils_cv.similarity.metrics import BLOCK_BYTES  # metrics imports this module
+    from utils_cv.similarity.metrics import BLOCK_BYTES, _check_widths  # metrics imports us
 
     query = _as_codes(query_codes, "query_codes")
     reference = _as_codes(reference_codes, "reference_codes").to(query.device)
-    _check_widths(query, reference, "query_codes")
+    _check_widths(query, reference, "hamming", "query_codes")
     if chunk_size is None:
         chunk_size = max(1, BLOCK_BYTES // (4 * len(reference)))
     elif chunk_size < 1:
