@@ -8,6 +8,8 @@ k in --ks (1, 10, 100) with
     hamming       `binary.hamming_neighbors` on the codes (bits / 8 bytes per vector)
     float         `metrics.nearest_neighbors` on float32 embeddings of the same dimension
                   (bits * 4 bytes per vector)
+    float16       `metrics.nearest_neighbors` on the same embeddings stored in float16 (bits * 2
+                  bytes per vector); our search converts them to float32 first
     float_bytes   `metrics.nearest_neighbors` on float32 embeddings of the same memory:
                   bits / 32 dimensions
     faiss_binary  faiss IndexBinaryFlat on the same codes
@@ -41,7 +43,7 @@ from eval_speed import make_data  # noqa: E402
 from utils_cv.similarity.binary import binarize, hamming_neighbors  # noqa: E402
 from utils_cv.similarity.metrics import nearest_neighbors  # noqa: E402
 
-METHODS = ("hamming", "float", "float_bytes", "faiss_binary", "faiss_float")
+METHODS = ("hamming", "float", "float16", "float_bytes", "faiss_binary", "faiss_float")
 TARGET = 3.0  # hamming over float at equal dimension, on the CPU
 SOP_CLASS_SHARE = 11_316 / 60_502  # SOP's classes per image, for the synthetic data
 
@@ -69,9 +71,11 @@ def searches(bits: int, args, device: torch.device) -> dict:
     on = {  # reference sets where "ours" searches them: on the device, as after embedding there
         "hamming": torch.from_numpy(codes[: args.n]).to(device),
         "float": torch.from_numpy(x[: args.n]).to(device),
+        "float16": torch.from_numpy(x[: args.n]).to(device, torch.float16),
         "float_bytes": torch.from_numpy(small[: args.n]).to(device),
     }
     queries = {"hamming": codes[args.n :], "float": x[args.n :], "float_bytes": small[args.n :]}
+    queries["float16"] = x[args.n :].astype(np.float16)
     queries = {name: torch.from_numpy(q).to(device) for name, q in queries.items()}
     binary_index = faiss.IndexBinaryFlat(bits)
     binary_index.add(codes[: args.n])
@@ -87,6 +91,7 @@ def searches(bits: int, args, device: torch.device) -> dict:
     return {
         "hamming": (hamming, queries["hamming"], bits // 8),
         "float": (partial(float_search, "float"), queries["float"], bits * 4),
+        "float16": (partial(float_search, "float16"), queries["float16"], bits * 2),
         "float_bytes": (partial(float_search, "float_bytes"), queries["float_bytes"], bits // 8),
         "faiss_binary": (binary_index.search, codes[args.n :], bits // 8),
         "faiss_float": (float_index.search, x[args.n :], bits * 4),
@@ -140,7 +145,7 @@ def main() -> None:
                 f"{method:>13} {nbytes:>12}" + "".join(f"{qps[method, k]:10.0f}" for k in args.ks)
             )
         speedup = {str(k): qps["hamming", k] / qps["float", k] for k in args.ks}
-        # faiss orders ties its own way, but the k smallest distances are the same numbers
+        # the same k smallest distances (ours ranks ties by index; faiss's heap does here too)
         agrees = all(
             np.array_equal(np.asarray(distances["hamming", k]), distances["faiss_binary", k])
             for k in args.ks

@@ -58,13 +58,15 @@ def test_binary_search_times_every_method(tmp_path):
         "--n", "300", "--queries", "20", "--bits", "64", "128", "--ks", "1", "5", "--repeats", "1",
     )  # fmt: skip
     rows = {(row["bits"], row["method"], row["k"]): row for row in result["rows"]}
-    methods = ("hamming", "float", "float_bytes", "faiss_binary", "faiss_float")
+    methods = ("hamming", "float", "float16", "float_bytes", "faiss_binary", "faiss_float")
     assert set(rows) == {(b, m, k) for b in (64, 128) for m in methods for k in (1, 5)}
     assert all(row["queries_per_second"] > 0 for row in rows.values())
     for bits in (64, 128):
         sizes = {m: rows[bits, m, 1]["bytes_per_vector"] for m in methods}
         assert sizes["hamming"] == sizes["faiss_binary"] == sizes["float_bytes"] == bits // 8
-        assert sizes["float"] == sizes["faiss_float"] == 32 * sizes["hamming"]
+        assert (
+            sizes["float"] == sizes["faiss_float"] == 2 * sizes["float16"] == 32 * sizes["hamming"]
+        )
         assert result["faiss_agrees"][str(bits)]  # the same k smallest Hamming distances
         for k in (1, 5):
             expected = (

@@ -107,6 +107,17 @@ def test_neighbors_are_sorted_by_distance_then_index():
     assert i.tolist() == np.argsort(full, axis=1, kind="stable")[:, :7].tolist()
 
 
+def test_the_query_is_excluded_by_index_among_more_than_k_duplicates():
+    # Six copies of one code, then six of another: the first neighbours of query 4 are copies
+    # 0, 1, 2 that come before it, for query 0 they are 1, 2, 3 (itself skipped).
+    codes = np.repeat(np.array([[0, 0], [255, 1]], dtype=np.uint8), 6, axis=0)
+    d, i = hamming_neighbors(codes, k=3)
+    assert i[4].tolist() == [0, 1, 2] and i[0].tolist() == [1, 2, 3]
+    assert i[11].tolist() == [6, 7, 8] and d.unique().tolist() == [0]
+    d, i = hamming_neighbors(codes, k=8)
+    assert i[7].tolist() == [6, 8, 9, 10, 11, 0, 1, 2] and d[7].tolist() == [0] * 5 + [9] * 3
+
+
 def test_packed_metrics_equal_float_metrics_on_the_bits_with_many_ties():
     codes, labels = tied_codes()
     bits = unpack_bits(codes, 8)

@@ -30,6 +30,7 @@ import torch
 
 from utils_cv.similarity.binary import (
     _as_codes,
+    _faiss_neighbor_chunks,
     _hamming_block,
     _searchable,
     _unpack,
@@ -176,14 +177,17 @@ def _neighbor_chunks(
     of each query in `reference` when the query belongs to it; that one reference is excluded
     from the query's neighbours.
     """
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size} must be a positive number of queries")
+    if metric == "hamming" and device.type == "cpu":
+        yield from _faiss_neighbor_chunks(query, reference, k, chunk_size, self_index)
+        return
     reference = _prepare(reference.to(device, query.dtype), metric)
     query = _prepare(query.to(device), metric)
     # Popcount gives int32 Hamming distances; everything else scores in the reference's type.
     dtype = reference.dtype if reference.is_floating_point() else torch.int32
     if chunk_size is None:
         chunk_size = max(1, BLOCK_BYTES // (dtype.itemsize * len(reference)))
-    elif chunk_size < 1:
-        raise ValueError(f"chunk_size={chunk_size} must be a positive number of queries")
     chunk_size = min(chunk_size, len(query))
     euclidean = metric in ("euclidean", "squared_euclidean")
     reference_sq = (reference * reference).sum(dim=1) if euclidean else None
