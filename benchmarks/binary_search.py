@@ -48,16 +48,13 @@ TARGET = 3.0  # hamming over float at equal dimension, on the CPU
 SOP_CLASS_SHARE = 11_316 / 60_502  # SOP's classes per image, for the synthetic data
 
 
-def timed(search, repeats: int, device: torch.device) -> tuple[float, list[float], object]:
-    """Median seconds of `repeats` calls to search(), every call's seconds, and the last result."""
-    seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = search()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds.append(time.perf_counter() - start)
-    return statistics.median(seconds), seconds, result
+def timed(search, device: torch.device) -> tuple[float, object]:
+    """Seconds of one call to search(), and its result."""
+    start = time.perf_counter()
+    result = search()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, result
 
 
 def searches(bits: int, args, device: torch.device) -> dict:
@@ -130,16 +127,25 @@ def main() -> None:
         print(f"{'method':>13} {'bytes/vector':>12}" + "".join(f"{f'k={k}':>10}" for k in args.ks))
         distances, qps = {}, {}
         for method in METHODS:
-            search, queries, nbytes = methods[method]
+            search, queries, _ = methods[method]
             search(queries[:8], 1)  # warm up: thread pools, CUDA kernels
+        # Round-robin over the methods, so that a slow spell of a shared machine slows them
+        # all alike instead of one method's every repeat.
+        runs = {(method, k): [] for method in METHODS for k in args.ks}
+        for _ in range(args.repeats):
+            for method, k in runs:
+                search, queries, _ = methods[method]
+                seconds, (distances[method, k], _) = timed(partial(search, queries, k), device)
+                runs[method, k].append(seconds)
+        for method in METHODS:
+            nbytes = methods[method][2]
             for k in args.ks:
-                seconds, runs, (distances[method, k], _) = timed(
-                    partial(search, queries, k), args.repeats, device
-                )
+                seconds = statistics.median(runs[method, k])
                 qps[method, k] = args.queries / seconds
                 results["rows"].append(
                     {"bits": bits, "method": method, "k": k, "bytes_per_vector": nbytes,
-                     "seconds": seconds, "seconds_all": runs, "queries_per_second": qps[method, k]}
+                     "seconds": seconds, "seconds_all": runs[method, k],
+                     "queries_per_second": qps[method, k]}
                 )  # fmt: skip
             print(
                 f"{method:>13} {nbytes:>12}" + "".join(f"{qps[method, k]:10.0f}" for k in args.ks)

@@ -87,6 +87,24 @@ EXPECTED_KEYS = {
         "sweeps/frozen_epochs/0/recall@1",
         "summary/norm_softmax recall@1",
     ],
+    "04_binarization": [
+        "preset",
+        "dataset",
+        "sizes/16/recall@1",
+        "sizes/64/binary recall@1",
+        "sizes/64/binary map@r",
+        "threshold/pooled/share of bits set",
+        "threshold/after LayerNorm/recall@1",
+        "threshold/pooled - train median/recall@1",
+        "ties/queries whose first place is tied",
+        "ties/binary Recall@1, ties at random",
+        "ties/queries whose first neighbour changes",
+        "search/queries_per_second_k10/64/hamming",
+        "search/queries_per_second_k10/64/float16",
+        "search/hamming_over_float_k10/64",
+        "history/best_val_recall@1",
+        "summary/binary recall@1 (D=64)",
+    ],
 }
 
 
@@ -129,6 +147,8 @@ def test_notebook_smoke_on_your_own_images(name, domains, tmp_path):
     if name == "00_quickstart":
         cross = [key for key in flat if key.startswith("softmax_") and key.endswith("/recall@1")]
         assert cross == (["softmax_dark_to_light/recall@1"] if domains else [])
+    elif name == "04_binarization":  # float and binary codes at each size
+        assert "sizes/64/binary recall@1" in flat
     else:  # 01 to 03 compare methods, batch-hard among them
         assert "methods/batch_hard/recall@1" in flat
 

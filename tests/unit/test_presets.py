@@ -147,3 +147,25 @@ def test_notebook_03_compares_at_the_budget_and_settings_of_01_and_02(preset):
     batch = norm["classes_per_batch"] * norm["samples_per_class"]
     for s in norm["sweeps"].get("samples_per_class", []):
         assert s is None or 1 <= s <= batch // 2, s
+
+
+@pytest.mark.parametrize("preset", ["smoke", "cpu", "gpu"])
+def test_notebook_04_binarizes_notebook_03s_main_norm_softmax(preset):
+    norm = preset_config(preset, notebook="03_norm_softmax")
+    binary = preset_config(preset, notebook="04_binarization")
+    for key in (
+        "image_size",
+        "epochs",
+        "lr",
+        "classes_per_batch",
+        "samples_per_class",
+        "temperature",
+        "norm_samples_per_class",
+        "embedding_size",
+        "seeds",
+    ):
+        assert binary[key] == norm[key], key  # fmt: skip
+    # float_bytes in the benchmark searches bits / 32 float dimensions
+    assert all(bits % 32 == 0 for bits in binary["search_bits"])
+    with pytest.raises(TypeError, match="EMBEDDING_SIZES=.*a list of integers"):
+        preset_config(preset, notebook="04_binarization", embedding_sizes=[0.5])

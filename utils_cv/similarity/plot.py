@@ -154,10 +154,10 @@ def plot_rank_examples(
     Args:
         images: (N, 3, H, W).
         labels: (N,) int.
-        embeddings: (N, D) float.
+        embeddings: (N, D) float, or (N, B) uint8 packed codes for metric="hamming".
         query_indices: indices into the N images of the queries to show.
         k: neighbours per query.
-        metric: "euclidean", "squared_euclidean" or "cosine".
+        metric: "euclidean", "squared_euclidean", "cosine" or "hamming".
         titles: N per-image captions (e.g. class names) shown under rank and distance.
         tile_size: width of a tile in inches.
     """
@@ -216,18 +216,23 @@ def plot_rank_examples(
     return fig
 
 
-def plot_example_queries(data, embeddings: Array, count: int = 4, k: int = 5, **kwargs) -> Figure:
+def plot_example_queries(
+    data, embeddings: Array, count: int = 4, k: int = 5, metric: str = "euclidean", **kwargs
+) -> Figure:
     """Rank plots of the fixed example queries (``example_queries``), captioned by class name.
 
     The same queries appear in every notebook, so their rank plots can be compared from one
     method to the next. ``data`` is an ``ImageData`` (the test split) and ``embeddings`` its
-    (N, D) embeddings; ``kwargs`` go to ``example_queries`` (``domain``).
+    (N, D) embeddings (packed codes for ``metric="hamming"``); ``kwargs`` go to
+    ``example_queries`` (``domain``).
     """
     from utils_cv.similarity.datasets import example_queries
 
     names = [data.class_names[label] for label in data.labels.tolist()]
     queries = example_queries(data, count=count, **kwargs)
-    return plot_rank_examples(data.images, data.labels, embeddings, queries, k=k, titles=names)
+    return plot_rank_examples(
+        data.images, data.labels, embeddings, queries, k=k, metric=metric, titles=names
+    )
 
 
 def plot_distance_grid(

@@ -87,6 +87,8 @@ LIST_TYPES: dict[str, type] = {
     "sweep_seeds": int,
     "cures": str,
     "sweep_margins": float,
+    "embedding_sizes": int,
+    "search_bits": int,
 }
 
 # Notebook 02's main ProxyNCA setting, chosen on the validation classes of the CPU preset
@@ -197,6 +199,31 @@ NOTEBOOK_PRESETS["03_norm_softmax"] = {
         "sweep_seeds": [0],  # every preset; more with SWEEP_SEEDS
     }
     for name, sweeps in _NORM_SOFTMAX.items()
+}
+
+
+# Notebook 04 trains notebook 03's main NormSoftmax at several embedding sizes and binarizes
+# each; then it times exact search of binary against float codes with benchmarks/binary_search.py
+# (search_bits: code sizes; search_references, search_queries: SOP's test size, fewer queries).
+_BINARIZATION = {
+    "smoke": {"embedding_sizes": [16, 64], "search_bits": [64], "search_references": 2000,
+              "search_queries": 50},
+    # Four trainings of about a minute on 2 slow cores; 256 is small_cnn's channel count, where
+    # the code is the sign right after LayerNorm (no remap layer).
+    "cpu": {"embedding_sizes": [32, 128, 256, 1024], "search_bits": [512, 2048],
+            "search_references": 60_502, "search_queries": 500},
+    # ResNet-18 has 512 channels; 2048 bits is the paper's size. Not yet run on a GPU.
+    "gpu": {"embedding_sizes": [64, 256, 512, 2048], "search_bits": [512, 1024, 2048],
+            "search_references": 60_502, "search_queries": 2000},
+}  # fmt: skip
+NOTEBOOK_PRESETS["04_binarization"] = {
+    name: {
+        k: v
+        for k, v in NOTEBOOK_PRESETS["03_norm_softmax"][name].items()
+        if k in (*_SHARED_WITH_01, "temperature", "norm_samples_per_class")
+    }
+    | settings
+    for name, settings in _BINARIZATION.items()
 }
 
 
