@@ -3,7 +3,12 @@ import pytest
 import torch
 from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 
-from utils_cv.similarity.metrics import compute_distances, nearest_neighbors, retrieval_metrics
+from utils_cv.similarity.metrics import (
+    classification_metrics,
+    compute_distances,
+    nearest_neighbors,
+    retrieval_metrics,
+)
 
 PML_METRICS = ("precision_at_1", "r_precision", "mean_average_precision_at_r")
 
@@ -306,3 +311,60 @@ def test_mean_cosine_by_hand_and_its_limits():
     assert mean_cosine(rows, max_points=2) == pytest.approx(0.0)
     with pytest.raises(ValueError, match="at least two"):
         mean_cosine(rows[:1])
+
+
+# classification_metrics
+
+
+# Eight images of three classes, four of class 0; predictions right on 5 of 8:
+#   class 0: 4 of 4 right, class 1: 1 of 2, class 2: 0 of 2.
+# top-1 = 5/8; macro = (1 + 1/2 + 0) / 3 = 1/2.
+CLASS_LABELS = [0, 0, 0, 0, 1, 1, 2, 2]
+CLASS_PREDICTIONS = [0, 0, 0, 0, 0, 1, 0, 0]
+
+
+def test_classification_metrics_by_hand_from_labels_and_from_logits():
+    expected = {"top1": 5 / 8, "macro_accuracy": 1 / 2, "num_samples": 8}
+    assert classification_metrics(CLASS_PREDICTIONS, CLASS_LABELS) == expected
+    logits = torch.full((8, 3), -1.0)
+    logits[torch.arange(8), torch.tensor(CLASS_PREDICTIONS)] = 2.0
+    assert classification_metrics(logits, torch.tensor(CLASS_LABELS), num_classes=3) == expected
+    assert classification_metrics(logits.numpy(), np.array(CLASS_LABELS)) == expected
+
+
+def test_macro_accuracy_averages_over_the_classes_in_the_labels_only():
+    # Class 3 is predicted but never true: it does not enter the mean.
+    metrics = classification_metrics([0, 3, 1], [0, 0, 1])
+    assert metrics["top1"] == pytest.approx(2 / 3)
+    assert metrics["macro_accuracy"] == pytest.approx((1 / 2 + 1) / 2)
+
+
+def test_macro_accuracy_matches_sklearn_balanced_accuracy():
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score
+
+    rng = np.random.default_rng(0)
+    labels = rng.choice(6, size=300, p=[0.5, 0.2, 0.1, 0.1, 0.05, 0.05])
+    logits = rng.normal(size=(300, 6))
+    logits[np.arange(300), labels] += 1.0
+    metrics = classification_metrics(logits, labels)
+    predictions = logits.argmax(axis=1)
+    assert metrics["top1"] == pytest.approx(accuracy_score(labels, predictions))
+    assert metrics["macro_accuracy"] == pytest.approx(balanced_accuracy_score(labels, predictions))
+    assert metrics["top1"] != pytest.approx(metrics["macro_accuracy"], abs=1e-3)
+
+
+def test_classification_metrics_errors():
+    with pytest.raises(ValueError, match="3 columns but num_classes=4"):
+        classification_metrics(torch.zeros(2, 3), [0, 1], num_classes=4)
+    with pytest.raises(ValueError, match="labels range from 0 to 3 but.*num_classes=3"):
+        classification_metrics(torch.zeros(2, 3), [0, 3])
+    with pytest.raises(ValueError, match="predictions range from 0 to 5"):
+        classification_metrics([0, 5], [0, 1], num_classes=3)
+    with pytest.raises(ValueError, match="integer classes"):
+        classification_metrics(torch.tensor([0.0, 1.0]), [0, 1])
+    with pytest.raises(ValueError, match="integer classes"):
+        classification_metrics([], [])
+    with pytest.raises(ValueError, match="one label per"):
+        classification_metrics([0, 1, 1], [0, 1])
+    with pytest.raises(ValueError, match="NaN"):
+        classification_metrics(torch.tensor([[0.0, float("nan")]]), [0])

@@ -21,6 +21,9 @@ Exact search: the distance matrix of N queries against N references does not fit
 large N (60,502 SOP test images: 14.6 GB in float32), so queries are processed in chunks; each
 chunk is one matrix product against all references followed by `torch.topk`, and memory grows
 as O(chunk_size * N).
+
+`classification_metrics` scores a classifier on the classes it was trained on instead: top-1
+and mean per-class accuracy.
 """
 
 from collections.abc import Iterable, Iterator, Sequence
@@ -483,3 +486,57 @@ def mean_cosine(embeddings, max_points: int | None = None) -> float:
     x = x / x.norm(dim=1, keepdim=True).clamp(min=1e-12)
     gram = x @ x.T
     return ((gram.sum() - gram.diagonal().sum()) / (len(x) * (len(x) - 1))).item()
+
+
+def classification_metrics(predictions, labels, num_classes: int | None = None) -> dict:
+    """Top-1 accuracy and mean per-class ("macro") accuracy of a classifier.
+
+    Args:
+        predictions: (N, C) float logits (or probabilities), whose argmax is the predicted
+            class, or (N,) int predicted classes. Tensor or numpy array.
+        labels: (N,) int true classes. With logits they must lie in 0..C-1.
+        num_classes: C; when given, logits must have C columns and every class in
+            ``predictions`` and ``labels`` must lie in 0..C-1.
+
+    Returns:
+        {"top1": share of correct predictions, "macro_accuracy": the mean over the classes
+        present in ``labels`` of each class's share of correct predictions, "num_samples":
+        N}. On imbalanced data the two differ: top-1 weighs each image equally, so the
+        large classes dominate it; macro accuracy weighs each class equally. Classes absent
+        from ``labels`` are left out of the mean (TensorFlow's mean_per_class_accuracy,
+        which the ranking-regularizer code reports, counts them as 0).
+    """
+    predictions = torch.as_tensor(predictions)
+    if predictions.ndim == 2:
+        logits = _as_embeddings(predictions, "logits")
+        if num_classes is not None and logits.shape[1] != num_classes:
+            raise ValueError(
+                f"logits have {logits.shape[1]} columns but num_classes={num_classes}; pass "
+                "one column per class"
+            )
+        num_classes = logits.shape[1]
+        predictions = logits.argmax(dim=1)
+    elif predictions.ndim != 1 or predictions.is_floating_point() or len(predictions) == 0:
+        raise ValueError(
+            f"predictions must be non-empty (N, C) logits or (N,) integer classes, got shape "
+            f"{tuple(predictions.shape)} {predictions.dtype}"
+        )
+    predictions = predictions.cpu().numpy()
+    labels = _as_labels(labels, len(predictions), "labels")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"labels must be integers, got {labels.dtype}")
+    if num_classes is not None:
+        for name, values in (("predictions", predictions), ("labels", labels)):
+            if values.min() < 0 or values.max() >= num_classes:
+                raise ValueError(
+                    f"{name} range from {values.min()} to {values.max()} but there are "
+                    f"num_classes={num_classes} classes; number the classes 0..{num_classes - 1}"
+                )
+    correct = predictions == labels
+    _, codes = np.unique(labels, return_inverse=True)
+    per_class = np.bincount(codes, weights=correct) / np.bincount(codes)
+    return {
+        "top1": float(correct.mean()),
+        "macro_accuracy": float(per_class.mean()),
+        "num_samples": len(labels),
+    }

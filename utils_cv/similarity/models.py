@@ -26,6 +26,7 @@ who have them. Offline, torchvision finds a weights file that lies in its cache 
 from __future__ import annotations
 
 import itertools
+import math
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -168,6 +169,137 @@ class EmbeddingNet(nn.Module):
         if self.normalize:
             embeddings = F.normalize(embeddings, dim=1)
         return embeddings
+
+
+class TwoHeadNet(nn.Module):
+    """One backbone, two heads: a classifier and a ranking embedding (Taha et al., 2020).
+
+    "Boosting Standard Classification Architectures Through a Ranking Regularizer" (WACV
+    2020) trains a classifier with a second head that a triplet loss ranks:
+
+    - head 1, classification: global average pooling of the final conv map, then a linear
+      layer with bias to the class logits (the network's usual classifier);
+    - head 2, ranking: the final conv map *flattened* (not pooled), then a linear layer
+      with bias to ``embedding_size`` (256 in the paper), then L2 normalization.
+
+    Flattening keeps where in the image a feature fired, which pooling discards, at a
+    price in parameters: C * h * w * D + D. At 224 px a ResNet-50's map is 7 x 7 x 2048, so
+    that layer has 7 * 7 * 2048 * 256 + 256 = 25,690,368 parameters (about 25.7M, more than
+    the 23.5M of the backbone itself). The map's size depends on the input resolution, so
+    it is fixed at construction (one dummy image through the backbone, ``map_shape``) from
+    ``image_size``, and inputs of another size are refused. At small sizes a ResNet's map
+    is 1 x 1 (32 px) or 2 x 2 (64 px): there flattening and pooling see almost the same.
+
+    The reference code (TF-slim ResNet-v2, pre-activation) flattens the output of the last
+    residual unit, taken *before* the network's final BatchNorm + ReLU, which only the
+    pooled head sees; that map is a raw residual sum, of either sign. torchvision's ResNet
+    is v1 (post-activation): its last block ends with a ReLU after the residual addition
+    and there is no final BatchNorm. Here both heads therefore read the same map, and the
+    flattened map is non-negative (small_cnn's too, which ends in ReLU).
+
+    Args:
+        backbone: a name accepted by ``create_backbone``.
+        num_classes: C, the width of the logits; training labels must lie in 0..C-1.
+        image_size: the input size the model is built for: an int for square images or
+            (height, width).
+        embedding_size: D, the size of the ranking embedding.
+        weights: pretrained weights for the backbone, passed to torchvision.
+
+    ``model(x)`` is the ranking embedding (the retrieval embedding of the model contract);
+    ``training_outputs(x)`` gives both heads from one backbone pass; ``logits(x)`` and
+    ``pooled(x)`` the classifier's output and its input, the pooled features. To embed
+    a whole image tensor through one of those, wrap it: ``embed(ModelOutput(model,
+    "pooled"), images)``.
+
+    Input: (N, 3, H, W) float in [0, 1], with (H, W) = ``image_size``.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "small_cnn",
+        *,
+        num_classes: int,
+        image_size: int | tuple[int, int],
+        embedding_size: int = 256,
+        weights=None,
+    ):
+        super().__init__()
+        if num_classes < 1 or embedding_size < 1:
+            raise ValueError(
+                f"num_classes={num_classes} and embedding_size={embedding_size} must be positive"
+            )
+        self.image_size = (image_size,) * 2 if isinstance(image_size, int) else tuple(image_size)
+        self.backbone, channels = create_backbone(backbone, weights)
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        # Eval mode for the dummy image: BatchNorm must neither update its running
+        # statistics nor fail on a 1 x 1 map of one image.
+        self.backbone.eval()
+        with torch.no_grad():
+            self.map_shape = tuple(self.features(torch.zeros(1, 3, *self.image_size)).shape[1:])
+        self.backbone.train()
+        self.num_classes = num_classes
+        self.embedding_size = embedding_size
+        self.classifier = nn.Linear(channels, num_classes)
+        self.embedding_layer = nn.Linear(math.prod(self.map_shape), embedding_size)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (N, 3, H, W) float in [0, 1] -> (N, C, h, w) convolutional feature map."""
+        if tuple(x.shape[2:]) != self.image_size:
+            raise ValueError(
+                f"images are {tuple(x.shape[2:])} pixels but the model was built for "
+                f"image_size={self.image_size}: the ranking head's input size depends on it; "
+                "resize the images or build the model with their size"
+            )
+        return self.backbone((x - self.mean) / self.std)
+
+    def pool(self, feature_map: torch.Tensor) -> torch.Tensor:
+        """feature_map: (N, C, h, w) -> (N, C), global average pooling."""
+        return feature_map.mean(dim=(2, 3))
+
+    def _ranking_head(self, feature_map: torch.Tensor) -> torch.Tensor:
+        """feature_map: (N, C, h, w) -> (N, D) L2-normalized ranking embeddings."""
+        return F.normalize(self.embedding_layer(feature_map.flatten(1)), dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (N, 3, H, W) float in [0, 1] -> (N, D) ranking embeddings (unit vectors)."""
+        return self._ranking_head(self.features(x))
+
+    def training_outputs(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """x -> {"logits": (N, num_classes), "embeddings": (N, D)}, one backbone pass."""
+        feature_map = self.features(x)
+        return {
+            "logits": self.classifier(self.pool(feature_map)),
+            "embeddings": self._ranking_head(feature_map),
+        }
+
+    def pooled(self, x: torch.Tensor) -> torch.Tensor:
+        """x -> (N, C) pooled features, the classifier's input (not normalized)."""
+        return self.pool(self.features(x))
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """x -> (N, num_classes) class logits."""
+        return self.classifier(self.pooled(x))
+
+
+class ModelOutput(nn.Module):
+    """Another output of a model as a model of its own, for ``embed`` and the plots.
+
+    ``ModelOutput(model, "pooled")(x)`` is ``model.pooled(x)``. The wrapped model is
+    shared, not copied: ``embed(ModelOutput(model, "pooled"), images)`` gives the pooled
+    features of all images (L2-normalized; pass ``normalize=False`` for the raw values,
+    as for ``"logits"``).
+    """
+
+    def __init__(self, model: nn.Module, method: str):
+        super().__init__()
+        if not callable(getattr(model, method, None)):
+            raise ValueError(f"{type(model).__name__} has no method {method!r}")
+        self.model = model
+        self.method = method
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return getattr(self.model, self.method)(x)
 
 
 @torch.no_grad()

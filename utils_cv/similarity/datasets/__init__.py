@@ -4,6 +4,7 @@
 - ``emoji``: the cross-design emoji benchmark, built from fonts (``emoji_fonts``);
 - ``image_folder``: your own images, one folder per class;
 - ``fashion_mnist``: Zalando's Fashion-MNIST, for closed-set classification;
+- ``long_tail``: long-tailed subsets of a training set, for imbalanced classification;
 - ``by_name``: ``load_dataset``, what a notebook's ``DATASET`` parameter calls: a built-in
   name or the path of your own ImageFolder tree, with built data kept in a cache folder.
 """
@@ -22,6 +23,7 @@ from utils_cv.similarity.datasets.by_name import BUILT_IN, cache_dir, load_datas
 from utils_cv.similarity.datasets.emoji import load_emoji
 from utils_cv.similarity.datasets.fashion_mnist import load_fashion_mnist
 from utils_cv.similarity.datasets.image_folder import load_image_folder
+from utils_cv.similarity.datasets.long_tail import long_tail_counts, long_tailed
 
 __all__ = [
     "BUILT_IN",
@@ -36,6 +38,8 @@ __all__ = [
     "load_emoji",
     "load_fashion_mnist",
     "load_image_folder",
+    "long_tail_counts",
+    "long_tailed",
     "split_summary",
     "to_rgb",
 ]

@@ -19,7 +19,14 @@ alone. Every loss follows one contract:
 
 from utils_cv.similarity.losses.norm_softmax import NormSoftmaxLoss
 from utils_cv.similarity.losses.proxy_nca import ProxyNCALoss
+from utils_cv.similarity.losses.ranking_regularized import RankingRegularizedLoss
 from utils_cv.similarity.losses.softmax import SoftmaxLoss
 from utils_cv.similarity.losses.triplet import TripletLoss
 
-__all__ = ["NormSoftmaxLoss", "ProxyNCALoss", "SoftmaxLoss", "TripletLoss"]
+__all__ = [
+    "NormSoftmaxLoss",
+    "ProxyNCALoss",
+    "RankingRegularizedLoss",
+    "SoftmaxLoss",
+    "TripletLoss",
+]
