@@ -86,3 +86,12 @@ def test_long_tailed_errors():
             long_tailed(data, ratio)
     with pytest.raises(ValueError, match="no images"):
         long_tailed(data.subset([]), 10)
+
+
+def test_n_max_caps_the_largest_class_and_must_fit_the_smallest():
+    data = synthetic({0: 30, 1: 20, 2: 25})
+    balanced = long_tailed(data, 1, n_max=12)
+    assert torch.bincount(balanced.labels).tolist() == [12, 12, 12]
+    assert torch.bincount(long_tailed(data, 4, n_max=12).labels).tolist() == [12, 6, 3]
+    with pytest.raises(ValueError, match="n_max=21 must be between 1 and 20"):
+        long_tailed(data, 1, n_max=21)

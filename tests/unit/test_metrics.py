@@ -324,7 +324,12 @@ CLASS_PREDICTIONS = [0, 0, 0, 0, 0, 1, 0, 0]
 
 
 def test_classification_metrics_by_hand_from_labels_and_from_logits():
-    expected = {"top1": 5 / 8, "macro_accuracy": 1 / 2, "num_samples": 8}
+    expected = {
+        "top1": 5 / 8,
+        "macro_accuracy": 1 / 2,
+        "per_class": [1, 1 / 2, 0],
+        "num_samples": 8,
+    }
     assert classification_metrics(CLASS_PREDICTIONS, CLASS_LABELS) == expected
     logits = torch.full((8, 3), -1.0)
     logits[torch.arange(8), torch.tensor(CLASS_PREDICTIONS)] = 2.0
@@ -337,6 +342,7 @@ def test_macro_accuracy_averages_over_the_classes_in_the_labels_only():
     metrics = classification_metrics([0, 3, 1], [0, 0, 1])
     assert metrics["top1"] == pytest.approx(2 / 3)
     assert metrics["macro_accuracy"] == pytest.approx((1 / 2 + 1) / 2)
+    assert metrics["per_class"] == [1 / 2, 1]  # classes 0 and 1, in label order
 
 
 def test_macro_accuracy_matches_sklearn_balanced_accuracy():

@@ -169,3 +169,17 @@ def test_notebook_04_binarizes_notebook_03s_main_norm_softmax(preset):
     assert all(bits % 32 == 0 for bits in binary["search_bits"])
     with pytest.raises(TypeError, match="EMBEDDING_SIZES=.*a list of integers"):
         preset_config(preset, notebook="04_binarization", embedding_sizes=[0.5])
+
+
+@pytest.mark.parametrize("preset", ["smoke", "cpu", "gpu"])
+def test_notebook_05_retrieves_at_notebook_01s_budget_and_batches(preset):
+    triplet = preset_config(preset, notebook="01_triplet_baseline")
+    ranking = preset_config(preset, notebook="05_ranking_regularizer")
+    for key in ("image_size", "epochs", "lr", "classes_per_batch", "samples_per_class", "margin"):
+        assert ranking[key] == triplet[key], key
+    # the paper's batches: 8 classes x 4 images, within Fashion-MNIST's 10 classes
+    assert ranking["closed_classes_per_batch"] == 8
+    # every long tail keeps at least one image of its rarest class
+    assert all(1 <= r <= 2 * ranking["closed_per_class"] for r in ranking["imbalance_ratios"])
+    with pytest.raises(TypeError, match="RANKING_WEIGHTS=.*a list of numbers"):
+        preset_config(preset, notebook="05_ranking_regularizer", ranking_weights="0.5")

@@ -500,8 +500,9 @@ def classification_metrics(predictions, labels, num_classes: int | None = None) 
 
     Returns:
         {"top1": share of correct predictions, "macro_accuracy": the mean over the classes
-        present in ``labels`` of each class's share of correct predictions, "num_samples":
-        N}. On imbalanced data the two differ: top-1 weighs each image equally, so the
+        present in ``labels`` of each class's share of correct predictions, "per_class":
+        those shares, one per class present, in the order of the sorted labels,
+        "num_samples": N}. On imbalanced data the two differ: top-1 weighs each image equally, so the
         large classes dominate it; macro accuracy weighs each class equally. Classes absent
         from ``labels`` are left out of the mean (TensorFlow's mean_per_class_accuracy,
         which the ranking-regularizer code reports, counts them as 0).
@@ -538,5 +539,6 @@ def classification_metrics(predictions, labels, num_classes: int | None = None) 
     return {
         "top1": float(correct.mean()),
         "macro_accuracy": float(per_class.mean()),
+        "per_class": per_class.tolist(),
         "num_samples": len(labels),
     }

@@ -89,6 +89,8 @@ LIST_TYPES: dict[str, type] = {
     "sweep_margins": float,
     "embedding_sizes": int,
     "search_bits": int,
+    "imbalance_ratios": float,
+    "ranking_weights": float,
 }
 
 # Notebook 02's main ProxyNCA setting, chosen on the validation classes of the CPU preset
@@ -224,6 +226,30 @@ NOTEBOOK_PRESETS["04_binarization"] = {
     }
     | settings
     for name, settings in _BINARIZATION.items()
+}
+
+
+# Notebook 05: closed-set classification on Fashion-MNIST (closed_*: images per class of the
+# balanced training set and of the test set, at most 300; epochs; classes per batch of the
+# paper's 8 x 4 batches), long-tailed versions of it, and a sweep of the triplet's weight
+# lambda (the main runs give 0 and 1); then retrieval on DATASET at notebook 01's budget.
+_RANKING = {
+    "smoke": {"closed_per_class": 16, "closed_test_per_class": 10, "closed_epochs": 2,
+              "imbalance_ratios": [10.0], "ranking_weights": [0.5]},
+    "cpu": {"closed_per_class": 100, "closed_test_per_class": 300, "closed_epochs": 10,
+            "imbalance_ratios": [10.0, 100.0], "ranking_weights": [0.2, 0.5, 2.0]},
+    "gpu": {"closed_per_class": 300, "closed_test_per_class": 300, "closed_epochs": 30,
+            "imbalance_ratios": [10.0, 100.0], "ranking_weights": [0.2, 0.5, 2.0]},
+}  # fmt: skip
+NOTEBOOK_PRESETS["05_ranking_regularizer"] = {
+    name: {
+        k: v
+        for k, v in NOTEBOOK_PRESETS["01_triplet_baseline"][name].items()
+        if k in _SHARED_WITH_01
+    }
+    | {"closed_classes_per_batch": 8}
+    | settings
+    for name, settings in _RANKING.items()
 }
 
 

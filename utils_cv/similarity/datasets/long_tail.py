@@ -47,15 +47,17 @@ def long_tail_counts(num_classes: int, n_max: int, imbalance_ratio: float) -> li
     return counts
 
 
-def long_tailed(data: ImageData, imbalance_ratio: float, seed: int = 0) -> ImageData:
+def long_tailed(
+    data: ImageData, imbalance_ratio: float, seed: int = 0, n_max: int | None = None
+) -> ImageData:
     """A long-tailed subset of ``data``: class i of C keeps ``long_tail_counts(...)[i]`` images.
 
     Classes are ranked by label: the smallest label keeps the most images, the largest
     label the fewest (as in the long-tailed CIFAR of Cui et al. and Cao et al.). For
     another order, permute the labels first. n_max is the size of the *smallest* class in
-    ``data``, so every class has the images its rank asks for and the profile is exact;
-    ``imbalance_ratio=1`` keeps n_max images of every class (all of them when the classes
-    are balanced). Which images a class keeps is a random choice seeded by ``seed``; they
+    ``data`` unless ``n_max`` is given (at most that size), so every class has the images its
+    rank asks for and the profile is exact; ``imbalance_ratio=1`` keeps n_max images of every
+    class: a balanced subset. Which images a class keeps is a random choice seeded by ``seed``; they
     keep their order in ``data``.
 
     Args:
@@ -64,6 +66,8 @@ def long_tailed(data: ImageData, imbalance_ratio: float, seed: int = 0) -> Image
         imbalance_ratio: n_0 / n_{C-1}, the largest class size over the smallest (100 and
             10 are common); >= 1.
         seed: the random choice within each class.
+        n_max: the size of the largest class of the result; None: the smallest class size in
+            ``data``.
 
     Raises ValueError for empty data, imbalance_ratio < 1, or a ratio that would leave the
     last class with no image (every class keeps at least one).
@@ -72,7 +76,12 @@ def long_tailed(data: ImageData, imbalance_ratio: float, seed: int = 0) -> Image
         raise ValueError("data holds no images; pass the training images to subsample")
     labels = data.labels.cpu()
     classes, sizes = torch.unique(labels, return_counts=True)
-    counts = long_tail_counts(len(classes), int(sizes.min()), imbalance_ratio)
+    if n_max is not None and not 1 <= n_max <= int(sizes.min()):
+        raise ValueError(
+            f"n_max={n_max} must be between 1 and {int(sizes.min())}, the size of the smallest "
+            "class, so that every class has the images the profile asks for"
+        )
+    counts = long_tail_counts(len(classes), n_max or int(sizes.min()), imbalance_ratio)
     generator = torch.Generator().manual_seed(seed)
     keep = []
     for label, count in zip(classes.tolist(), counts, strict=True):
