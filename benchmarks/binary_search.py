@@ -151,7 +151,7 @@ def main() -> None:
                 f"{method:>13} {nbytes:>12}" + "".join(f"{qps[method, k]:10.0f}" for k in args.ks)
             )
         speedup = {str(k): qps["hamming", k] / qps["float", k] for k in args.ks}
-        # the same k smallest distances (ours ranks ties by index; faiss's heap does here too)
+        # the same k smallest distances (the order of ties is not compared)
         agrees = all(
             np.array_equal(np.asarray(distances["hamming", k]), distances["faiss_binary", k])
             for k in args.ks

@@ -79,8 +79,8 @@ def test_binarization_gpu(tmp_path):
     assert metrics["preset"] == "gpu" and len(metrics["seeds"]) >= 3
     # Not yet run on a GPU. The notebook's claims: the float embedding learns well above raw
     # pixels (0.108 with the GPU preset in 00_quickstart); at the largest size the code keeps
-    # most of it (the paper loses 0.2 to 1.7 points at 2048 bits); LayerNorm centres the
-    # features, while the pooled ReLU features set nearly every bit.
+    # most of it (the reference repository loses 0.2 to 1.7 points at 2048 bits); LayerNorm
+    # centres the features, while the pooled ReLU features set nearly every bit.
     sizes = metrics["sizes"]
     largest = sizes[max(sizes, key=int)]
     assert largest["recall@1"] > 0.16

@@ -136,6 +136,10 @@ def test_model_output_embeds_the_pooled_features_or_the_logits():
     torch.testing.assert_close(embed(ModelOutput(model, "pooled"), images), F.normalize(pooled))
     torch.testing.assert_close(embed(ModelOutput(model, "logits"), images, normalize=False), logits)
     assert embed(model, images).shape == (5, 16)  # the model itself: the ranking head
+    assert not model.training  # embedding through the wrapper keeps the model's mode
+    model.train()
+    embed(ModelOutput(model, "pooled"), images)
+    assert model.training
     with pytest.raises(ValueError, match="no method 'pool_features'"):
         ModelOutput(model, "pool_features")
 

@@ -13,18 +13,19 @@ though it sets a bit for values >= 0 where this module takes > 0. The order does
 distance, as long as every code is packed the same way: XOR and popcount work bit by bit.
 
 How distances are computed:
-- on the CPU, XOR and popcount with `faiss.hammings`; the k nearest with faiss's
-  `IndexBinaryFlat` in its counting mode (`use_heap = False`), which keeps, for each distance,
-  the first references met in index order, so ties come out by reference index as everywhere
-  else in this package (tests check it against a float search of the unpacked bits). Ranking
-  a full (queries, R) block of distances with `torch.topk` took longer than computing it:
-  2000 queries x 60,502 codes of 512 bits ran at 1,700 queries/s that way, against 9,400 with
-  the counting search, and 2048 bits at 480 against 1,200 (benchmarks/binary_search.py). Measured with one thread (best of 3, two
+- on the CPU, XOR and popcount with `faiss.hammings`. Measured with one thread (best of 3, two
   runs on a shared 2-core machine) for 32 queries against 60,502 random codes, 512 bits:
   faiss 5-7 ms, numpy.bitwise_count on uint64 words 99-103 ms, on bytes 102-139 ms, a 256-entry
   table 460-489 ms, ±1 matrix product in float32 88-142 ms, and for comparison float32
   distances at 512 dimensions (one addmm) 222-240 ms; 2048 bits: 51-74, 202-251, 339-412,
   1,483-1,662, 311-365 and 679-955 ms.
+- on the CPU, the k nearest with faiss's `IndexBinaryFlat` in its counting mode
+  (`use_heap = False`), which keeps, for each distance, the first references met in index
+  order, so ties come out by reference index as everywhere else in this package (tests check
+  it against a float search of the unpacked bits). Ranking a full (queries, R) block of
+  distances with `torch.topk` took longer than computing it: 2000 queries x 60,502 codes of
+  512 bits ran at 1,700 queries/s that way, against 9,400 with the counting search, and 2048
+  bits at 480 against 1,200 (benchmarks/binary_search.py).
 - elsewhere (a GPU), matrix products of ±1 vectors, where a GPU is fastest: for ±1 vectors of
   length L, q.r = L - 2 * hamming(q, r). Each product is an integer, exact in float32 up to
   L = 2^24 bits.
@@ -196,15 +197,15 @@ def _faiss_neighbor_chunks(
     import faiss
 
     index = faiss.IndexBinaryFlat(8 * reference.shape[1])
-    index.use_heap = False  # counting: equal distances in index order (the heap does too, slower)
-    index.add(reference.numpy())
+    index.use_heap = False  # counting: equal distances in index order, by construction
+    index.add(reference.cpu().numpy())
     extra = int(self_index is not None)
     chunk_size = len(query) if chunk_size is None else chunk_size
     for start in range(0, len(query), chunk_size):
-        chunk = query[start : start + chunk_size].numpy()
+        chunk = query[start : start + chunk_size].cpu().numpy()
         distances, indices = (torch.from_numpy(a) for a in index.search(chunk, k + extra))
         if extra:
-            keep = indices != self_index[start : start + len(chunk), None]
+            keep = indices != self_index[start : start + len(chunk), None].cpu()
             keep[keep.all(dim=1), -1] = False
             distances, indices = distances[keep].view(-1, k), indices[keep].view(-1, k)
         yield start, distances, indices

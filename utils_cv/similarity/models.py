@@ -297,6 +297,7 @@ class ModelOutput(nn.Module):
             raise ValueError(f"{type(model).__name__} has no method {method!r}")
         self.model = model
         self.method = method
+        self.train(model.training)  # `embed` restores this mode on the wrapped model too
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return getattr(self.model, self.method)(x)

@@ -214,7 +214,8 @@ _BINARIZATION = {
     # the code is the sign right after LayerNorm (no remap layer).
     "cpu": {"embedding_sizes": [32, 128, 256, 1024], "search_bits": [512, 2048],
             "search_references": 60_502, "search_queries": 500},
-    # ResNet-18 has 512 channels; 2048 bits is the paper's size. Not yet run on a GPU.
+    # ResNet-18 has 512 channels (sign right after LayerNorm at 512); 2048 bits is the paper's
+    # size, here from a 512 -> 2048 remap, not its sign after LayerNorm. Not yet run on a GPU.
     "gpu": {"embedding_sizes": [64, 256, 512, 2048], "search_bits": [512, 1024, 2048],
             "search_references": 60_502, "search_queries": 2000},
 }  # fmt: skip
