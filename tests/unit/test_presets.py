@@ -115,12 +115,19 @@ def test_sweeps_name_only_settings_notebook_02_knows():
         preset_config("cpu", notebook="02_proxy_nca", sweeps="{scale: [3]}")
 
 
+SHARED_WITH_01 = ("image_size", "epochs", "lr", "classes_per_batch", "samples_per_class", "margin")
+
+
+def assert_trains_like_01(preset: str, config: dict) -> None:
+    """A notebook's preset keeps notebook 01's budget and batches, so comparisons are fair."""
+    triplet = preset_config(preset, notebook="01_triplet_baseline")
+    for key in SHARED_WITH_01:
+        assert config[key] == triplet[key], key
+
+
 @pytest.mark.parametrize("preset", ["smoke", "cpu", "gpu"])
 def test_notebook_02_trains_at_notebook_01s_budget_and_batches(preset):
-    triplet = preset_config(preset, notebook="01_triplet_baseline")
-    proxy = preset_config(preset, notebook="02_proxy_nca")
-    for key in ("image_size", "epochs", "lr", "classes_per_batch", "samples_per_class", "margin"):
-        assert proxy[key] == triplet[key], key
+    assert_trains_like_01(preset, preset_config(preset, notebook="02_proxy_nca"))
 
 
 def test_sweeps_name_only_settings_notebook_03_knows():
@@ -134,11 +141,9 @@ def test_sweeps_name_only_settings_notebook_03_knows():
 
 @pytest.mark.parametrize("preset", ["smoke", "cpu", "gpu"])
 def test_notebook_03_compares_at_the_budget_and_settings_of_01_and_02(preset):
-    triplet = preset_config(preset, notebook="01_triplet_baseline")
     proxy = preset_config(preset, notebook="02_proxy_nca")
     norm = preset_config(preset, notebook="03_norm_softmax")
-    for key in ("image_size", "epochs", "lr", "classes_per_batch", "samples_per_class", "margin"):
-        assert norm[key] == triplet[key], key
+    assert_trains_like_01(preset, norm)
     assert (norm["scale"], norm["proxy_lr_multiplier"]) == (
         proxy["scale"],
         proxy["proxy_lr_multiplier"],
@@ -173,10 +178,8 @@ def test_notebook_04_binarizes_notebook_03s_main_norm_softmax(preset):
 
 @pytest.mark.parametrize("preset", ["smoke", "cpu", "gpu"])
 def test_notebook_05_retrieves_at_notebook_01s_budget_and_batches(preset):
-    triplet = preset_config(preset, notebook="01_triplet_baseline")
     ranking = preset_config(preset, notebook="05_ranking_regularizer")
-    for key in ("image_size", "epochs", "lr", "classes_per_batch", "samples_per_class", "margin"):
-        assert ranking[key] == triplet[key], key
+    assert_trains_like_01(preset, ranking)
     # the paper's batches: 8 classes x 4 images, within Fashion-MNIST's 10 classes
     assert ranking["closed_classes_per_batch"] == 8
     # every long tail keeps at least one image of its rarest class

@@ -502,8 +502,8 @@ def classification_metrics(predictions, labels, num_classes: int | None = None) 
         {"top1": share of correct predictions, "macro_accuracy": the mean over the classes
         present in ``labels`` of each class's share of correct predictions, "per_class":
         those shares, one per class present, in the order of the sorted labels,
-        "num_samples": N}. On imbalanced data the two differ: top-1 weighs each image equally, so the
-        large classes dominate it; macro accuracy weighs each class equally. Classes absent
+        "num_samples": N}. On imbalanced data the two differ: top-1 weighs each image equally,
+        so the large classes dominate it; macro accuracy weighs each class equally. Classes absent
         from ``labels`` are left out of the mean (TensorFlow's mean_per_class_accuracy,
         which the ranking-regularizer code reports, counts them as 0).
     """
