@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from utils_cv.similarity import augment
-from utils_cv.similarity.augment import augment_batch, sample_affine
+from utils_cv.similarity.augment import augment_batch, occlude, sample_affine
 
 
 def _generator(seed: int) -> torch.Generator:
@@ -76,3 +76,23 @@ def test_bad_input_is_refused_with_the_fix():
         augment_batch(torch.zeros(2, 3, 8, 8, dtype=torch.uint8))
     with pytest.raises(ValueError, match="strength"):
         augment_batch(torch.rand(2, 3, 8, 8), strength=3)
+
+
+def test_occlude_blanks_one_square_of_the_asked_side_per_image():
+    images = torch.full((5, 3, 20, 10), 200, dtype=torch.uint8)
+    out = occlude(images, 0.3, seed=1)
+    assert torch.equal(images, torch.full_like(images, 200))  # the input is not changed
+    for image in out:
+        blank = (image == 0).all(dim=0)  # all channels blanked
+        rows, cols = blank.any(dim=1).nonzero().flatten(), blank.any(dim=0).nonzero().flatten()
+        assert blank.sum() == 3 * 3  # side round(0.3 * min(20, 10)) = 3
+        assert rows.max() - rows.min() == 2 and cols.max() - cols.min() == 2
+    assert torch.equal(out, occlude(images, 0.3, seed=1))  # seeded
+    assert not torch.equal(out, occlude(images, 0.3, seed=2))
+    assert torch.equal(occlude(images, 0.0), images)
+    full = (occlude(images, 1.0) == 0).all(dim=1).sum(dim=(1, 2))
+    assert (full == 100).all()  # a 10 x 10 square: the image's full width
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        occlude(images, 1.5)
+    with pytest.raises(ValueError, match=r"\(N, C, H, W\)"):
+        occlude(images[0], 0.3)

@@ -7,6 +7,7 @@ from utils_cv.similarity.metrics import (
     classification_metrics,
     compute_distances,
     nearest_neighbors,
+    pairwise_f1,
     retrieval_metrics,
 )
 
@@ -262,8 +263,28 @@ def test_nmi():
     h_labels = -(0.75 * np.log(0.75) + 0.25 * np.log(0.25))
     mutual_information = h_labels - np.log(2) / 2
     expected = mutual_information / ((h_labels + np.log(2)) / 2)  # arithmetic mean
-    assert retrieval_metrics(x, uneven, ks=(1,), nmi=True)["nmi"] == pytest.approx(expected)
+    uneven_scores = retrieval_metrics(x, uneven, ks=(1,), nmi=True)
+    assert uneven_scores["nmi"] == pytest.approx(expected)
     assert "nmi" not in retrieval_metrics(x, cluster, ks=(1,))
+    # Pairwise F1 of the same clusterings. Perfect: 1. Uneven: pairs in one cluster
+    # 2 * C(12, 2) = 132, pairs with one label C(18, 2) + C(6, 2) = 168, both: C(12, 2) in
+    # cluster 0 + 2 * C(6, 2) in cluster 1 = 96; F1 = 2 TP / (132 + 168) = 0.64.
+    assert retrieval_metrics(x, cluster, ks=(1,), nmi=True)["f1"] == pytest.approx(1.0)
+    assert uneven_scores["f1"] == pytest.approx(0.64)
+    # Spread: 2 * C(12, 2) = 132 same-cluster pairs, 132 same-label pairs, 2 * 2 * C(6, 2) =
+    # 60 of them both: F1 = 120 / 264.
+    spread_f1 = retrieval_metrics(x, spread, ks=(1,), nmi=True)["f1"]
+    assert spread_f1 == pytest.approx(120 / 264)
+
+
+def test_pairwise_f1_by_hand():
+    # Labels a a b b, clusters 0 0 0 1. Pairs: (0,1) one label, one cluster (TP); (2,3) one
+    # label, two clusters (FN); (0,2), (1,2) two labels, one cluster (FP); (0,3), (1,3) TN.
+    # P = 1/3, R = 1/2, F1 = 2 * (1/6) / (5/6) = 0.4.
+    assert pairwise_f1(["a", "a", "b", "b"], [0, 0, 0, 1]) == pytest.approx(0.4)
+    assert pairwise_f1([0, 0, 1, 1], [5, 5, 7, 7]) == 1.0  # cluster names do not matter
+    assert pairwise_f1([0, 1, 2, 3], [0, 0, 1, 1]) == 0.0  # no pair shares a label
+    assert pairwise_f1([0, 0, 1, 1], [0, 1, 2, 3]) == 0.0  # no pair shares a cluster
 
 
 def test_errors():
@@ -374,3 +395,24 @@ def test_classification_metrics_errors():
         classification_metrics([0, 1, 1], [0, 1])
     with pytest.raises(ValueError, match="NaN"):
         classification_metrics(torch.tensor([[0.0, float("nan")]]), [0])
+
+
+def test_exclude_same_index_treats_references_as_clean_copies_of_the_queries():
+    x, labels = clustered(num_points=60, seed=3)
+    # The queries themselves as references, own copy excluded: exactly the self-search.
+    paired = retrieval_metrics(x, labels, reference=x, reference_labels=labels,
+                               exclude_same_index=True)  # fmt: skip
+    assert paired == retrieval_metrics(x, labels)
+    # Without the exclusion every query finds itself first.
+    assert retrieval_metrics(x, labels, reference=x, reference_labels=labels)["recall@1"] == 1.0
+    # Slightly altered queries: each one's clean copy is its nearest reference, and is skipped.
+    noisy = x + 1e-5 * np.random.default_rng(0).normal(size=x.shape).astype(np.float32)
+    scores = retrieval_metrics(noisy, labels, ks=(1,), reference=x, reference_labels=labels,
+                               exclude_same_index=True)  # fmt: skip
+    assert scores["recall@1"] == pytest.approx(paired["recall@1"])
+    with pytest.raises(ValueError, match="copy of query i"):
+        retrieval_metrics(x[:10], labels[:10], reference=x, reference_labels=labels,
+                          exclude_same_index=True)  # fmt: skip
+    with pytest.raises(ValueError, match="copy of query i"):
+        retrieval_metrics(x, labels, reference=x, reference_labels=np.roll(labels, 1),
+                          exclude_same_index=True)  # fmt: skip

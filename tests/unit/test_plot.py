@@ -455,6 +455,24 @@ def test_plot_mining_choices_points_at_the_right_neighbours():
         plot.plot_mining_choices(points, torch.tensor([0, 1, 1, 1]), anchor=0)
 
 
+def test_plot_embedding_expansion_arrows_point_at_the_mined_negatives():
+    # The circle example of tests/unit/test_embedding_expansion.py: anchor 0's mined negative
+    # is class 1's projected synthetic point at -12.48 degrees; batch-hard's is x_3 (-40).
+    angles = torch.tensor([0.0, 55.0, 100.0, 320.0]) * np.pi / 180
+    points = torch.stack([angles.cos(), angles.sin()], dim=1)
+    fig = plot.plot_embedding_expansion(points, torch.tensor([0, 0, 1, 1]), n_points=2)
+    without, with_projection = fig.axes
+    assert "synthetic" in with_projection.get_title()
+    mined, batch_hard = (np.asarray(t.xy, dtype=float) for t in with_projection.texts)
+    angle = np.radians(-12.4842)
+    np.testing.assert_allclose(mined, [np.cos(angle), np.sin(angle)], atol=1e-4)
+    np.testing.assert_allclose(batch_hard, points[3].numpy(), atol=1e-6)
+    assert len(without.texts) == 2
+    plt.close(fig)
+    # n_points=0 draws no segments, so odd class sizes are fine.
+    plt.close(plot.plot_embedding_expansion(points[:3], torch.tensor([0, 0, 1]), n_points=0))
+
+
 def test_show_class_examples_one_image_per_domain_of_the_best_covered_classes():
     from utils_cv.similarity.datasets import ImageData
 

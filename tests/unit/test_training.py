@@ -525,3 +525,25 @@ def test_loss_stats_skip_the_lr_finder_and_average_only_where_reported():
     assert [entry["epoch"] for entry in history] == [0]  # the lr finder's steps are not epochs
     assert history[0]["loss_label_mean"] == pytest.approx(19 / 6)
     assert history[0]["loss_rare"] == 1.0  # the mean over the batches that reported it
+
+
+def test_step_cost_measures_time_and_the_memory_the_loss_saves():
+    from utils_cv.similarity.losses import EmbeddingExpansion, TripletLoss
+    from utils_cv.similarity.models import EmbeddingNet
+    from utils_cv.similarity.training import step_cost
+
+    torch.manual_seed(0)
+    model = EmbeddingNet("small_cnn", 16, normalize=True)
+    images = torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8)
+    labels = torch.arange(4).repeat_interleave(2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    base = step_cost(model, TripletLoss(), images, labels, repeats=2, warmup=0)
+    more = step_cost(model, EmbeddingExpansion(TripletLoss(), n_points=8), images, labels, 2)
+    assert base["ms_per_step"] > 0 and "peak_gpu_mib" not in base  # CUDA only
+    # EE keeps the synthetic points and an (N, 1 + n, M) distance block for backward.
+    assert more["loss_saved_kib"] > 2 * base["loss_saved_kib"] > 0
+    for key, value in model.state_dict().items():  # no optimizer step: the weights stay
+        if "running" not in key and "num_batches" not in key:  # (BatchNorm's statistics move)
+            assert torch.equal(value, before[key]), key
+    with pytest.raises(ValueError, match="repeats"):
+        step_cost(model, TripletLoss(), images, labels, repeats=0)

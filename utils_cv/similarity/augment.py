@@ -124,3 +124,27 @@ def _jitter_colour(images: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
     images = (mean + contrast * (images - mean)).clamp(0, 1)
     gray = (images * luma.view(1, 3, 1, 1)).sum(1, keepdim=True)
     return (gray + saturation * (images - gray)).clamp(0, 1)
+
+
+def occlude(images: torch.Tensor, size: float, seed: int = 0, value: float = 0.0) -> torch.Tensor:
+    """A copy of ``images`` (N, C, H, W), each with a square of side ``size`` x min(H, W)
+    set to ``value`` at a random place (seeded; the square lies inside the image).
+
+    For robustness tests: occluded queries searching clean references. ``size`` is a share
+    of the image side in [0, 1]; 0 returns an unchanged copy.
+    """
+    if not 0 <= size <= 1:
+        raise ValueError(f"size={size} must be a share of the image side, between 0 and 1")
+    if images.ndim != 4:
+        raise ValueError(f"images must be a batch (N, C, H, W), got {tuple(images.shape)}")
+    images = images.clone()
+    height, width = images.shape[-2:]
+    side = round(size * min(height, width))
+    if side == 0:
+        return images
+    generator = torch.Generator().manual_seed(seed)
+    tops = torch.randint(0, height - side + 1, (len(images),), generator=generator).tolist()
+    lefts = torch.randint(0, width - side + 1, (len(images),), generator=generator).tolist()
+    for image, top, left in zip(images, tops, lefts, strict=True):
+        image[..., top : top + side, left : left + side] = value
+    return images

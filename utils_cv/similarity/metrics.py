@@ -327,6 +327,7 @@ def retrieval_metrics(
     reference_labels=None,
     metric: str = "euclidean",
     nmi: bool = False,
+    exclude_same_index: bool = False,
     chunk_size: int | None = None,
     device=None,
 ) -> dict[str, float]:
@@ -344,14 +345,21 @@ def retrieval_metrics(
             codes), see `compute_distances`.
         nmi: also cluster the queries with k-means (faiss, k = number of query classes,
             20 iterations, seed 0, on unit vectors for metric="cosine", on the bits as 0.0 and
-            1.0 for metric="hamming") and return the normalized mutual information between
-            clusters and labels, sklearn's `normalized_mutual_info_score` with
-            average_method="arithmetic". All queries are clustered, including those without a
+            1.0 for metric="hamming") and return the two clustering metrics the papers report:
+            "nmi", the normalized mutual information between clusters and labels (sklearn's
+            `normalized_mutual_info_score`, average_method="arithmetic"), and "f1", the
+            pairwise F-measure of the clustering: over all pairs of queries, precision = the
+            share of same-cluster pairs that share a label, recall = the share of same-label
+            pairs put in one cluster, F1 = 2PR / (P + R) (from sklearn's
+            `pair_confusion_matrix`). All queries are clustered, including those without a
             positive. Slow for many classes.
+        exclude_same_index: with a reference set of the same length, query i does not see
+            reference i: for queries that are altered copies of the references (occluded,
+            noisy), so that no query finds its own clean copy. R then counts one less.
         chunk_size, device: see `nearest_neighbors`.
 
     Returns:
-        {"recall@K" for each K, "map@r", "r_precision", "nmi" (if asked), "num_queries": the
+        {"recall@K" for each K, "map@r", "r_precision", "nmi" and "f1" (if asked), "num_queries": the
         queries scored, "num_skipped_queries": those without any relevant reference}.
 
     The search keeps k = max(max(ks), max R) neighbours per query; a query's R relevant
@@ -372,20 +380,29 @@ def retrieval_metrics(
         reference = _as_input(reference, "reference", metric)
         reference_labels = _as_labels(reference_labels, len(reference), "reference_labels")
         _check_widths(query, reference, metric, "embeddings")
+        if exclude_same_index and (
+            len(reference) != len(query) or (reference_labels != query_labels).any()
+        ):
+            raise ValueError(
+                "exclude_same_index needs reference i to be a copy of query i, with its label: "
+                f"got {len(query)} queries and {len(reference)} references, or other labels; "
+                "pass the references in the queries' order"
+            )
+    paired = self_search or exclude_same_index  # query i never sees reference i
 
     # One integer code per class over queries and references together, so classes compare as ints.
     _, codes = np.unique(np.concatenate([query_labels, reference_labels]), return_inverse=True)
     query_codes = torch.from_numpy(codes[: len(query)].astype(np.int64))
     reference_codes = torch.from_numpy(codes[len(query) :].astype(np.int64))
     class_sizes = torch.bincount(reference_codes, minlength=int(codes.max()) + 1)
-    num_relevant = class_sizes[query_codes] - int(self_search)  # R of each query
+    num_relevant = class_sizes[query_codes] - int(paired)  # R of each query
     scored = (num_relevant > 0).nonzero().flatten()
     if len(scored) == 0:
         raise ValueError(
             "no query has a same-class item in the reference set, so no retrieval metric is "
             "defined; every class needs at least two images (or one in the reference set)"
         )
-    available = len(reference) - int(self_search)
+    available = len(reference) - int(paired)
     if ks[-1] > available:
         raise ValueError(
             f"recall@{ks[-1]} asked but each query has only {available} references; "
@@ -411,7 +428,7 @@ def retrieval_metrics(
         metric,
         chunk_size,
         device,
-        self_index=scored if self_search else None,
+        self_index=scored if paired else None,
     ):
         stop = start + len(indices)
         relevant = reference_codes[indices] == query_codes[start:stop, None]  # (c, k) bool
@@ -431,14 +448,17 @@ def retrieval_metrics(
     results["map@r"] = map_at_r.mean().item()
     results["r_precision"] = r_precision.mean().item()
     if nmi:
-        results["nmi"] = _nmi(query, query_labels, metric)
+        results["nmi"], results["f1"] = _clustering_scores(query, query_labels, metric)
     results["num_queries"] = num_queries
     results["num_skipped_queries"] = len(query) - num_queries
     return results
 
 
-def _nmi(embeddings: torch.Tensor, labels: np.ndarray, metric: str, seed: int = 0) -> float:
-    """NMI between labels (N,) and k-means clusters of embeddings (N, D), k = number of classes."""
+def _clustering_scores(
+    embeddings: torch.Tensor, labels: np.ndarray, metric: str, seed: int = 0
+) -> tuple[float, float]:
+    """NMI and pairwise F1 between labels (N,) and the k-means clusters of embeddings (N, D),
+    k = number of classes."""
     import faiss
     from sklearn.metrics import normalized_mutual_info_score
 
@@ -453,7 +473,26 @@ def _nmi(embeddings: torch.Tensor, labels: np.ndarray, metric: str, seed: int = 
     )
     kmeans.train(x)
     _, clusters = kmeans.index.search(x, 1)
-    return float(normalized_mutual_info_score(labels, clusters[:, 0], average_method="arithmetic"))
+    nmi = normalized_mutual_info_score(labels, clusters[:, 0], average_method="arithmetic")
+    return float(nmi), pairwise_f1(labels, clusters[:, 0])
+
+
+def pairwise_f1(labels, clusters) -> float:
+    """The pairwise F-measure of a clustering (the "F1" of metric-learning papers).
+
+    Over all unordered pairs of items: true positives are pairs in one cluster with one
+    label, precision = TP / (pairs in one cluster), recall = TP / (pairs with one label),
+    F1 = 2 P R / (P + R); 0 when no pair shares a cluster or no pair shares a label.
+    """
+    from sklearn.metrics.cluster import pair_confusion_matrix
+
+    # sklearn counts ordered pairs (each twice): rows = same label or not, columns = same
+    # cluster or not; the factor 2 cancels in P and R.
+    (_, fp), (fn, tp) = pair_confusion_matrix(np.asarray(labels), np.asarray(clusters))
+    if tp == 0:
+        return 0.0
+    precision, recall = tp / (tp + fp), tp / (tp + fn)
+    return float(2 * precision * recall / (precision + recall))
 
 
 def mean_distance(embeddings, max_points: int = 500) -> float:

@@ -638,6 +638,63 @@ def plot_mining_choices(points: Array, labels: Array, anchor: int = 0) -> Figure
     return fig
 
 
+def plot_embedding_expansion(points: Array, labels: Array, n_points: int = 2, anchor: int = 0):
+    """Embedding Expansion on 2-D points: pairs, synthetic points, the mined hardest negative.
+
+    Two panels, without and with the L2 projection of the synthetic points. Each shows the
+    unit circle, the original points (filled), the segment of each same-class pair and its
+    ``n_points`` synthetic points (hollow), the anchor (star) and its group (ringed), an arrow
+    from the group to the hardest negative that hard negative pair mining picks (solid), and
+    a dashed arrow to the hardest *original* negative, the one batch-hard mining alone picks.
+
+    Args:
+        points: (N, 2) float. labels: (N,) int, an even count per class. anchor: its index.
+    """
+    from utils_cv.similarity.losses import EmbeddingExpansion, TripletLoss
+
+    points, labels = torch.as_tensor(points).float(), torch.as_tensor(labels)
+    if points.ndim != 2 or points.shape[1] != 2 or len(labels) != len(points):
+        raise ValueError(f"points must be (N, 2) with N labels, got {tuple(points.shape)}")
+    num = len(points)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.8))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    circle = np.linspace(0, 2 * np.pi, 200)
+    for ax, normalize in zip(axes, (False, True), strict=True):
+        ee = EmbeddingExpansion(TripletLoss(), n_points=n_points, normalize=normalize)
+        mined = ee.mine(points, labels)
+        everything, point_labels = mined["points"].detach(), mined["labels"]
+        ax.plot(np.cos(circle), np.sin(circle), color="0.85", lw=1)
+        first, second = EmbeddingExpansion.pairs(labels) if n_points else (torch.empty(0),) * 2
+        for i, j in zip(first.tolist(), second.tolist(), strict=True):
+            color = colors[int(labels[i]) % len(colors)]
+            ax.plot(*points[[i, j]].T, color=color, lw=0.8, alpha=0.6)
+        for label in torch.unique(labels).tolist():
+            color = colors[label % len(colors)]
+            ax.scatter(*points[labels == label].T, color=color, s=45, label=f"class {label}")
+            synthetic = (point_labels == label) & (torch.arange(len(everything)) >= num)
+            ax.scatter(*everything[synthetic].T, facecolors="none", edgecolors=color, s=45)
+        group = everything[mined["group"][anchor]]
+        ax.scatter(*group.T, facecolors="none", edgecolors="black", s=160, lw=0.8)
+        ax.scatter(*points[anchor], marker="*", s=260, c="black", label="anchor", zorder=3)
+        hardest = int(mined["hardest_negative"][anchor])
+        source = group[torch.cdist(everything[hardest][None], group).argmin()]
+        original = int(torch.cdist(points[anchor][None], points)[0].masked_fill(
+            labels == labels[anchor], torch.inf).argmin())  # fmt: skip
+        mined_xy, source_xy = everything[hardest].tolist(), source.tolist()
+        ax.annotate("", mined_xy, source_xy, arrowprops={"arrowstyle": "->", "lw": 1.5})
+        ax.annotate("", points[original].tolist(), points[anchor].tolist(),
+                    arrowprops={"arrowstyle": "->", "ls": "--"})  # fmt: skip
+        kind = "synthetic" if hardest >= num else "original"
+        ax.set_title(f"{'with' if normalize else 'without'} L2 projection: hardest negative "
+                     f"is {kind}", fontsize=TITLE_SIZE)  # fmt: skip
+        ax.set_aspect("equal")
+    axes[0].legend(fontsize=8, loc="lower left")
+    fig.suptitle("Embedding Expansion: synthetic points (hollow) on each pair's segment; "
+                 "solid arrow: mined negative, dashed: batch-hard's", fontsize=TITLE_SIZE)  # fmt: skip
+    fig.tight_layout()
+    return fig
+
+
 def _draw_rank_row(
     axes: Sequence[Axes],
     query_image: np.ndarray,

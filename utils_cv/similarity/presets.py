@@ -91,6 +91,8 @@ LIST_TYPES: dict[str, type] = {
     "search_bits": int,
     "imbalance_ratios": float,
     "ranking_weights": float,
+    "points_sweep": int,
+    "occlusion_sizes": float,
 }
 
 # Notebook 02's main ProxyNCA setting, chosen on the validation classes of the CPU preset
@@ -251,6 +253,33 @@ NOTEBOOK_PRESETS["05_ranking_regularizer"] = {
     | {"closed_classes_per_batch": 8}
     | settings
     for name, settings in _RANKING.items()
+}
+
+
+# Notebook 06 trains at notebook 01's budget and batches (K = 4 images per class: an even
+# count, as Embedding Expansion's pairing needs). Two base losses with and without EE over
+# the seeds; then, on the first seed, batch-hard + EE with other numbers of synthetic points
+# (points_sweep) and without the L2 projection (projection_ablation); occlusion_sizes: the
+# side of the blanked square as a share of the image side.
+_EXPANSION = {
+    "smoke": {"seeds": [0], "points_sweep": [4], "projection_ablation": True,
+              "occlusion_sizes": [0.5]},
+    # Four methods on one seed + two ablations: six trainings of 30-90 s on 2 idle cores
+    # (the 3-seed table in the README: SEEDS=[0, 1, 2]).
+    "cpu": {"seeds": [0], "points_sweep": [8], "projection_ablation": True,
+            "occlusion_sizes": [0.25, 0.5]},
+    "gpu": {"seeds": [0, 1, 2], "points_sweep": [4, 8], "projection_ablation": True,
+            "occlusion_sizes": [0.25, 0.5]},
+}  # fmt: skip
+NOTEBOOK_PRESETS["06_embedding_expansion"] = {
+    name: {
+        k: v
+        for k, v in NOTEBOOK_PRESETS["01_triplet_baseline"][name].items()
+        if k in _SHARED_WITH_01
+    }
+    | {"n_points": 2}
+    | settings
+    for name, settings in _EXPANSION.items()
 }
 
 

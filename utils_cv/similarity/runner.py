@@ -143,7 +143,7 @@ def train_run(
         warmup_loss, warmup_epochs: another loss for the first epochs after the frozen ones.
         warmup_lr: the learning rate of both warm-ups; None: ``lr``.
         ks: the K of Recall@K for the test metrics; ``ks[0]`` also picks the best epoch.
-        nmi: also compute NMI on the test data (k-means; slower).
+        nmi: also compute NMI and the clustering F1 on the test data (k-means; slower).
         progress: show fastai's progress bars and epoch table.
         **learner_kwargs: passed to ``make_learner`` (``augment``, ``opt_func``, ``wd``,
             ``mixed_precision``, ``checkpoint_path``, ``device``, ...).

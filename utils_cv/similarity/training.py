@@ -26,6 +26,7 @@ import inspect
 import math
 import os
 import tempfile
+import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -590,3 +591,70 @@ def get_history(learn: Learner) -> list[dict[str, float]]:
                 stats = by_epoch.get(entry["epoch"], {})
                 entry.update({key: value for key, value in stats.items() if key not in entry})
     return history
+
+
+def step_cost(
+    model: nn.Module,
+    loss: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    repeats: int = 10,
+    warmup: int = 2,
+) -> dict[str, float]:
+    """What one training step costs: time, and the memory the loss keeps for backward.
+
+    Runs ``warmup`` + ``repeats`` steps of forward, loss and backward on one batch, on the
+    model's device, in training mode. There is no optimizer step, so the weights do not
+    change (BatchNorm's running statistics do, as in any training step). The time includes
+    whatever the loss computes besides its value (its ``stats``).
+
+    Args:
+        model, loss: as for training; ``loss(model(images), labels)``.
+        images: (B, 3, H, W) uint8 (scaled to [0, 1] as the data loaders do) or float.
+        labels: (B,) int.
+
+    Returns:
+        "ms_per_step": mean wall time of the timed steps (CUDA synchronized);
+        "loss_saved_kib": the bytes of every tensor autograd saves while computing the loss
+            from the embeddings (the activation memory the loss adds to a step; a tensor
+            saved twice counts twice), measured with ``saved_tensors_hooks``;
+        "peak_gpu_mib" (CUDA only): the steps' peak allocated CUDA memory.
+    """
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"repeats={repeats} must be >= 1 and warmup={warmup} >= 0")
+    device = next(model.parameters()).device
+    images = images.to(device)
+    images = images.float() / 255 if images.dtype == torch.uint8 else images
+    labels = labels.to(device)
+    # The loss's own saved tensors only: detached embeddings, so the backbone's graph is
+    # neither counted nor kept alive during the timed steps.
+    with torch.no_grad():
+        embeddings = model(images)
+    embeddings.requires_grad_(True)
+    saved: list[int] = []
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        saved.append(tensor.nbytes)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss(embeddings, labels)
+    del embeddings
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    for step in range(warmup + repeats):
+        if step == warmup:
+            if cuda:
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+        model.zero_grad(set_to_none=True)
+        loss(model(images), labels).backward()
+    if cuda:
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    cost = {"ms_per_step": 1000 * seconds / repeats, "loss_saved_kib": sum(saved) / 2**10}
+    if cuda:
+        cost["peak_gpu_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return cost

@@ -17,6 +17,8 @@ alone. Every loss follows one contract:
 - **Errors** say what to change in words that make sense in any project.
 """
 
+from utils_cv.similarity.losses.embedding_expansion import EmbeddingExpansion
+from utils_cv.similarity.losses.multi_similarity import MultiSimilarityLoss
 from utils_cv.similarity.losses.norm_softmax import NormSoftmaxLoss
 from utils_cv.similarity.losses.proxy_nca import ProxyNCALoss
 from utils_cv.similarity.losses.ranking_regularized import RankingRegularizedLoss
@@ -24,6 +26,8 @@ from utils_cv.similarity.losses.softmax import SoftmaxLoss
 from utils_cv.similarity.losses.triplet import TripletLoss
 
 __all__ = [
+    "EmbeddingExpansion",
+    "MultiSimilarityLoss",
     "NormSoftmaxLoss",
     "ProxyNCALoss",
     "RankingRegularizedLoss",

@@ -88,26 +88,36 @@ class TripletLoss(nn.Module):
         labels = labels.to(embeddings.device)
         same = labels[:, None] == labels[None, :]
         eye = torch.eye(len(labels), dtype=torch.bool, device=labels.device)
-        pos_mask, neg_mask = same & ~eye, ~same
+        return self.from_distances(self.distances(embeddings), same & ~eye, ~same)
+
+    def from_distances(
+        self, dist: torch.Tensor, pos_mask: torch.Tensor, neg_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """The loss from a distance matrix: row i is anchor i, the columns are candidates.
+
+        ``forward`` calls it with the (N, N) distances of the batch, ``pos_mask`` = same
+        label and not the anchor itself, ``neg_mask`` = another label. A module that adds
+        points (Embedding Expansion adds synthetic ones as extra columns) passes an (N, M)
+        matrix with its own masks; nothing here assumes the matrix is square.
+        """
         num_pos, num_neg = torch.stack([pos_mask.sum(), neg_mask.sum()]).tolist()
         if num_pos == 0:
             raise ValueError(
-                f"no two of the {len(labels)} embeddings share a label, so the batch has no "
+                f"no two of the {len(pos_mask)} embeddings share a label, so the batch has no "
                 "positive pair; sample each batch as P classes x K images with K >= 2 "
                 "(here: ClassBalancedBatchSampler with samples_per_class >= 2)"
             )
         if num_neg == 0:
             raise ValueError(
-                f"all {len(labels)} embeddings have the same label, so the batch has no "
+                f"all {len(pos_mask)} embeddings have the same label, so the batch has no "
                 "negative; sample each batch as P classes x K images with P >= 2 "
                 "(here: ClassBalancedBatchSampler with classes_per_batch >= 2)"
             )
 
-        dist = self._distances(embeddings)
         big = torch.finfo(dist.dtype).max
         if self.mining in ("batch_all", "semi_hard"):
-            # One row per anchor-positive pair against all N candidates for the negative:
-            # (pairs, N) instead of an (N, N, N) cube, much smaller when K << N.
+            # One row per anchor-positive pair against all M candidates for the negative:
+            # (pairs, M) instead of an (N, N, M) cube, much smaller when K << N.
             anchor, positive = pos_mask.nonzero(as_tuple=True)
             ap = dist[anchor, positive][:, None]
             an, is_neg = dist[anchor], neg_mask[anchor]
@@ -151,8 +161,8 @@ class TripletLoss(nn.Module):
         }
         return loss
 
-    def _distances(self, embeddings: torch.Tensor) -> torch.Tensor:
-        """(N, N) Euclidean (or squared) distances, in float32 at least."""
+    def distances(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """(N, N) Euclidean (or squared, with ``squared``) distances, in float32 at least."""
         # Mixed precision would compute the matrix product in 16 bits, where |x|^2 + |y|^2
         # - 2 x.y loses small distances to cancellation: compute it in float32 or better.
         with torch.autocast(embeddings.device.type, enabled=False):
