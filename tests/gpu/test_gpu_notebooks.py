@@ -107,3 +107,17 @@ def test_ranking_regularizer_gpu(tmp_path):
         )
     assert len(metrics["retrieval"]) == 3
     assert set(metrics["lambda_sweep"]) == {"0", "0.2", "0.5", "1", "2"}
+
+
+def test_embedding_expansion_gpu(tmp_path):
+    metrics = run_notebook("06_embedding_expansion", tmp_path, PRESET="gpu")
+    assert_sane(metrics)
+    assert metrics["preset"] == "gpu" and len(metrics["seeds"]) >= 3
+    # Not yet run on a GPU. What the notebook claims whatever the comparison's outcome: every
+    # method learns far above chance (1 in about 975 test classes), the ablations ran, the
+    # synthetic points are picked as hardest negatives, and the extra memory is the loss's.
+    assert all(m["recall@1"] > 0.05 for m in metrics["methods"].values())
+    assert set(metrics["ablation"]) == {"n=0", "n=2", "n=4", "n=8", "n=2, no projection"}
+    assert all(0 < max(ratios) <= 1 for ratios in metrics["selection_ratio"].values())
+    cost = metrics["cost"]
+    assert cost["batch_hard+EE"]["loss_saved_kib"] > cost["batch_hard"]["loss_saved_kib"]

@@ -123,6 +123,23 @@ EXPECTED_KEYS = {
         "seconds_per_run/batch_hard",
         "summary/ratio 10 batch_hard macro",
     ],
+    "06_embedding_expansion": [
+        "preset",
+        "dataset",
+        "methods/batch_hard/recall@1",
+        "methods/batch_hard+EE/recall@1",
+        "methods/multi_similarity/nmi",
+        "methods/multi_similarity+EE/f1",
+        "gain/batch_hard",
+        "gain/multi_similarity",
+        "ablation/n=0/recall@1",
+        "ablation/n=4/recall@1",
+        "ablation/n=2, no projection/recall@1",
+        "selection_ratio/batch_hard+EE",
+        "occlusion/batch_hard+EE/50%",
+        "cost/batch_hard+EE/loss_saved_kib",
+        "summary/multi_similarity+EE recall@1",
+    ],
 }
 
 
@@ -182,9 +199,17 @@ def test_notebook_smoke_on_your_own_images(name, domains, tmp_path):
         assert "methods/batch_hard/recall@1" in flat
 
 
+# Fashion-MNIST (10 classes of thousands of grey images, against the emoji data's hundreds
+# of classes of 2 to 4) for the quickstart, which tours the built-in datasets, and notebook
+# 05, whose closed-set half is built on it. The other notebooks run the same code on any
+# ImageData; each run costs the smoke suite about half a minute, and the suite must stay
+# under 10 minutes. (All of them passed on Fashion-MNIST when this list was cut, at 06.)
+FASHION_MNIST_CASES = ["00_quickstart", "05_ranking_regularizer"]
+
+
 @pytest.mark.notebook
 @pytest.mark.skipif(not FASHION_MNIST_DEBIAN.is_dir(), reason="dataset-fashion-mnist missing")
-@pytest.mark.parametrize("name", sorted(EXPECTED_KEYS))
+@pytest.mark.parametrize("name", FASHION_MNIST_CASES)
 def test_notebook_smoke_on_fashion_mnist(name, tmp_path):
     metrics = run_notebook(name, tmp_path, PRESET="smoke", DATASET="fashion_mnist")
     assert metrics["dataset"] == "fashion_mnist"

@@ -186,3 +186,15 @@ def test_notebook_05_retrieves_at_notebook_01s_budget_and_batches(preset):
     assert all(1 <= r <= 2 * ranking["closed_per_class"] for r in ranking["imbalance_ratios"])
     with pytest.raises(TypeError, match="RANKING_WEIGHTS=.*a list of numbers"):
         preset_config(preset, notebook="05_ranking_regularizer", ranking_weights="0.5")
+
+
+@pytest.mark.parametrize("preset", ["smoke", "cpu", "gpu"])
+def test_notebook_06_trains_at_notebook_01s_budget_with_pairs_in_every_class(preset):
+    expansion = preset_config(preset, notebook="06_embedding_expansion")
+    assert_trains_like_01(preset, expansion)
+    # Embedding Expansion pairs the images of each class: K must be even.
+    assert expansion["samples_per_class"] % 2 == 0
+    assert expansion["n_points"] not in expansion["points_sweep"]  # the main run gives it
+    assert all(0 < size <= 1 for size in expansion["occlusion_sizes"])
+    with pytest.raises(TypeError, match="POINTS_SWEEP=.*a list of integers"):
+        preset_config(preset, notebook="06_embedding_expansion", points_sweep=[2.5])

@@ -542,6 +542,11 @@ def test_step_cost_measures_time_and_the_memory_the_loss_saves():
     assert base["ms_per_step"] > 0 and "peak_gpu_mib" not in base  # CUDA only
     # EE keeps the synthetic points and an (N, 1 + n, M) distance block for backward.
     assert more["loss_saved_kib"] > 2 * base["loss_saved_kib"] > 0
+    # The whole step keeps the model's activations too: more than the loss alone, and the
+    # same model's share in both (the difference is the loss's).
+    assert base["step_saved_kib"] > base["loss_saved_kib"]
+    model_only = base["step_saved_kib"] - base["loss_saved_kib"]
+    assert more["step_saved_kib"] - more["loss_saved_kib"] == pytest.approx(model_only)
     for key, value in model.state_dict().items():  # no optimizer step: the weights stay
         if "running" not in key and "num_batches" not in key:  # (BatchNorm's statistics move)
             assert torch.equal(value, before[key]), key
