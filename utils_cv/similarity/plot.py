@@ -644,7 +644,7 @@ def plot_embedding_expansion(points: Array, labels: Array, n_points: int = 2, an
     Two panels, without and with the L2 projection of the synthetic points. Each shows the
     unit circle, the original points (filled), the segment of each same-class pair and its
     ``n_points`` synthetic points (hollow), the anchor (star) and its group (ringed), an arrow
-    from the group to the hardest negative that hard negative pair mining picks (solid), and
+    from the group to the hardest negative that hard negative pair mining picks (red), and
     a dashed arrow to the hardest *original* negative, the one batch-hard mining alone picks.
 
     Args:
@@ -675,14 +675,15 @@ def plot_embedding_expansion(points: Array, labels: Array, n_points: int = 2, an
             ax.scatter(*everything[synthetic].T, facecolors="none", edgecolors=color, s=45)
         group = everything[mined["group"][anchor]]
         ax.scatter(*group.T, facecolors="none", edgecolors="black", s=160, lw=0.8)
-        ax.scatter(*points[anchor], marker="*", s=260, c="black", label="anchor", zorder=3)
+        ax.scatter(*points[anchor], marker="*", s=160, c="black", label="anchor", zorder=3)
         hardest = int(mined["hardest_negative"][anchor])
         source = group[torch.cdist(everything[hardest][None], group).argmin()]
         original = int(torch.cdist(points[anchor][None], points)[0].masked_fill(
             labels == labels[anchor], torch.inf).argmin())  # fmt: skip
         mined_xy, source_xy = everything[hardest].tolist(), source.tolist()
-        ax.annotate("", mined_xy, source_xy, arrowprops={"arrowstyle": "->", "lw": 1.5})
-        ax.annotate("", points[original].tolist(), points[anchor].tolist(),
+        ax.annotate("", mined_xy, source_xy, zorder=4,
+                    arrowprops={"arrowstyle": "->", "lw": 1.5, "color": "crimson"})  # fmt: skip
+        ax.annotate("", points[original].tolist(), points[anchor].tolist(), zorder=4,
                     arrowprops={"arrowstyle": "->", "ls": "--"})  # fmt: skip
         kind = "synthetic" if hardest >= num else "original"
         ax.set_title(f"{'with' if normalize else 'without'} L2 projection: hardest negative "
@@ -690,7 +691,7 @@ def plot_embedding_expansion(points: Array, labels: Array, n_points: int = 2, an
         ax.set_aspect("equal")
     axes[0].legend(fontsize=8, loc="lower left")
     fig.suptitle("Embedding Expansion: synthetic points (hollow) on each pair's segment; "
-                 "solid arrow: mined negative, dashed: batch-hard's", fontsize=TITLE_SIZE)  # fmt: skip
+                 "red arrow: mined negative, dashed: batch-hard's", fontsize=TITLE_SIZE)  # fmt: skip
     fig.tight_layout()
     return fig
 

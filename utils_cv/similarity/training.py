@@ -618,6 +618,7 @@ def step_cost(
         "loss_saved_kib": the bytes of every tensor autograd saves while computing the loss
             from the embeddings (the activation memory the loss adds to a step; a tensor
             saved twice counts twice), measured with ``saved_tensors_hooks``;
+        "step_saved_kib": the same for the whole step (model and loss), for scale;
         "peak_gpu_mib" (CUDA only): the steps' peak allocated CUDA memory.
     """
     if repeats < 1 or warmup < 0:
@@ -639,6 +640,8 @@ def step_cost(
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         loss(embeddings, labels)
+        loss_bytes = sum(saved)
+        loss(model(images), labels)  # the whole step: backbone, head and loss
     del embeddings
     cuda = device.type == "cuda"
     if cuda:
@@ -654,7 +657,11 @@ def step_cost(
     if cuda:
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
-    cost = {"ms_per_step": 1000 * seconds / repeats, "loss_saved_kib": sum(saved) / 2**10}
+    cost = {
+        "ms_per_step": 1000 * seconds / repeats,
+        "loss_saved_kib": loss_bytes / 2**10,
+        "step_saved_kib": (sum(saved) - loss_bytes) / 2**10,
+    }
     if cuda:
         cost["peak_gpu_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
     return cost
