@@ -138,6 +138,15 @@ NOTEBOOK_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 # Notebook 02 trains at notebook 01's budget and batches: its settings start from 01's, so
 # the two stay equal by construction, then add the ProxyNCA ones.
 _SHARED_WITH_01 = ("image_size", "epochs", "classes_per_batch", "samples_per_class", "margin")
+
+
+def _shared_with_01(preset: str) -> dict[str, Any]:
+    """Notebook 01's budget and batches in ``preset``: what the notebooks that compare
+    with it (02, 05, 06) start from."""
+    triplet = NOTEBOOK_PRESETS["01_triplet_baseline"][preset]
+    return {key: value for key, value in triplet.items() if key in _SHARED_WITH_01}
+
+
 _PROXY_NCA = {
     # One value of every sweep, both kinds of proxies_per_class (their code paths).
     "smoke": {
@@ -156,11 +165,7 @@ _PROXY_NCA = {
     },
 }
 NOTEBOOK_PRESETS["02_proxy_nca"] = {
-    name: {
-        k: v
-        for k, v in NOTEBOOK_PRESETS["01_triplet_baseline"][name].items()
-        if k in _SHARED_WITH_01
-    }
+    name: _shared_with_01(name)
     | {"scale": MAIN_SCALE, "proxy_lr_multiplier": MAIN_PROXY_LR, "sweeps": sweeps}
     for name, sweeps in _PROXY_NCA.items()
 }
@@ -245,13 +250,7 @@ _RANKING = {
             "imbalance_ratios": [10.0, 100.0], "ranking_weights": [0.2, 0.5, 2.0]},
 }  # fmt: skip
 NOTEBOOK_PRESETS["05_ranking_regularizer"] = {
-    name: {
-        k: v
-        for k, v in NOTEBOOK_PRESETS["01_triplet_baseline"][name].items()
-        if k in _SHARED_WITH_01
-    }
-    | {"closed_classes_per_batch": 8}
-    | settings
+    name: _shared_with_01(name) | {"closed_classes_per_batch": 8} | settings
     for name, settings in _RANKING.items()
 }
 
@@ -272,13 +271,7 @@ _EXPANSION = {
             "occlusion_sizes": [0.25, 0.5]},
 }  # fmt: skip
 NOTEBOOK_PRESETS["06_embedding_expansion"] = {
-    name: {
-        k: v
-        for k, v in NOTEBOOK_PRESETS["01_triplet_baseline"][name].items()
-        if k in _SHARED_WITH_01
-    }
-    | {"n_points": 2}
-    | settings
+    name: _shared_with_01(name) | {"n_points": 2} | settings
     for name, settings in _EXPANSION.items()
 }
 
