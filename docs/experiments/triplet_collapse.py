@@ -22,6 +22,7 @@ from functools import partial
 from pathlib import Path
 
 from utils_cv.similarity.datasets import load_emoji
+from utils_cv.similarity.datasets.emoji_fonts import FONT_DESIGNS
 from utils_cv.similarity.losses import TripletLoss
 from utils_cv.similarity.metrics import mean_distance, retrieval_metrics
 from utils_cv.similarity.models import EmbeddingNet
@@ -48,7 +49,8 @@ VARIANTS: dict[str, dict] = {
 
 def run(name: str, data_dir: str) -> dict:
     settings = VARIANTS[name]
-    data = load_emoji(data_dir, image_size=40)
+    # The four font designs this study was run on (before the eight-design build).
+    data = load_emoji(data_dir, image_size=40, designs=FONT_DESIGNS)
     train, val, test = data.split("train").relabel(), data.split("val"), data.split("test")
     loss = partial(
         TripletLoss,

@@ -131,8 +131,10 @@ def test_images_are_centred_non_blank_rgb(small_build):
         ink = (255 - pixels).max(axis=2) > 32
         assert ink.sum() > 20, f"{row['path']} is (nearly) blank"
         assert (pixels[0] == 255).all() and (pixels[-1] == 255).all(), "margin must stay white"
-        rows, cols = np.nonzero(ink)
-        # Scaled to fit: the glyph's longer side fills the box inside the margin.
+        # Scaled to fit: the drawing's longer side fills the box inside the margin. Measured
+        # on every non-white pixel, as the crop is: light parts (Twemoji's pale grey cloud)
+        # count, though they are fainter than the ink threshold above.
+        rows, cols = np.nonzero((255 - pixels).max(axis=2) > 0)
         assert max(np.ptp(rows), np.ptp(cols)) >= SIZE - 2 * (SIZE // 16) - 4
 
 
@@ -269,3 +271,38 @@ def test_check_emoji_detects_changes(small_build, tmp_path):
     victim.unlink()
     with pytest.raises(emoji.EmojiDataMismatchError, match="delete the folder"):
         emoji.check_emoji(copy, params)
+
+
+BUILT = emoji.DEFAULT_ROOT / "fingerprint.json"
+# The least each design draws of the 1,907 classes (measured: see data/README.md).
+DESIGN_FLOORS = {"openmoji": 1.0, "noto": 1.0, "symbola": 0.55, "unifont": 0.7, "twemoji": 0.98,
+                 "fluent": 0.8, "fluent_flat": 0.8, "fluent_high_contrast": 0.8}  # fmt: skip
+
+
+def test_every_design_has_a_licence_line_shown_and_documented():
+    readme = (emoji.DEFAULT_ROOT.parent / "README.md").read_text()
+    assert set(emoji.ATTRIBUTION) == set(emoji.DESIGNS) == set(DESIGN_FLOORS)
+    for design, line in emoji.ATTRIBUTION.items():
+        assert line in readme, f"data/README.md lacks the attribution of {design}: {line}"
+        assert line in emoji.attribution([design])
+
+
+@pytest.mark.skipif(not BUILT.exists(), reason="data/emoji not built: run `make data`")
+def test_the_built_benchmark_has_every_design_with_non_blank_images():
+    record = emoji.check_emoji(emoji.DEFAULT_ROOT, emoji.build_parameters())
+    rows = _read_manifest(emoji.DEFAULT_ROOT)
+    classes = record["counts"]["classes"]
+    for design, floor in DESIGN_FLOORS.items():
+        mine = [row for row in rows if row["design"] == design]
+        assert len(mine) == record["counts"][design] >= floor * classes, design
+        # Every 25th image of the design (about 60 to 75 of each) has ink on white.
+        for row in mine[::25]:
+            with Image.open(emoji.DEFAULT_ROOT / row["path"]) as image:
+                pixels = np.asarray(image).astype(int)
+            assert ((255 - pixels).max(axis=2) > 32).sum() > 50, f"{row['path']} is blank"
+            assert (pixels[0] == 255).all(), f"{row['path']} does not sit on white"
+    by_class: dict[str, set[str]] = {}
+    for row in rows:
+        by_class.setdefault(row["class_name"], set()).add(row["design"])
+    assert all({"openmoji", "noto"} <= designs for designs in by_class.values())
+    assert sum(len(d) for d in by_class.values()) / len(by_class) > 6  # images per class

@@ -494,3 +494,23 @@ def test_show_class_examples_one_image_per_domain_of_the_best_covered_classes():
     plain = ImageData(data.images, data.labels, data.class_names, data.splits, [""] * 8, [""] * 8)
     titles = [ax.get_title() for ax in plot.show_class_examples(plain, count=1).axes]
     assert titles == ["one"] * 3  # without domains: the first of the largest classes
+
+
+def test_figures_of_emoji_images_carry_the_designs_attribution():
+    from utils_cv.similarity.datasets import ImageData
+    from utils_cv.similarity.datasets.emoji import ATTRIBUTION
+
+    data = ImageData(
+        images=make_images(4),
+        labels=torch.tensor([0, 0, 1, 1]),
+        class_names=["zero", "one"],
+        splits=["test"] * 4,
+        domains=["twemoji", "fluent_flat", "twemoji", "fluent_flat"],
+        paths=[""] * 4,
+    )
+    credit = plot.show_class_examples(data)._supxlabel.get_text().replace("\n", " ")
+    assert ATTRIBUTION["twemoji"] in credit and ATTRIBUTION["fluent_flat"] in credit
+    assert ATTRIBUTION["openmoji"] not in credit  # only the designs shown
+    own = ImageData(data.images, data.labels, data.class_names, data.splits, ["a"] * 4, [""] * 4)
+    assert plot.show_class_examples(own)._supxlabel is None  # your own images: no credit line
+    plt.close("all")

@@ -89,7 +89,9 @@ def show_class_examples(data, count: int = 6, per_class: int = 4) -> Figure:
         for i in sorted(by_class[label], key=lambda i: rank.get(data.domains[i], 0))[:per_class]:
             tiles.append(data.images[i])
             titles.append(f"{data.class_names[label][:18]}\n{data.domains[i]}".rstrip())
-    return show_image_grid(torch.stack(tiles), titles, ncols=2 * per_class)
+    # Two classes of four a row, one of eight: rows stay eight tiles wide.
+    fig = show_image_grid(torch.stack(tiles), titles, ncols=max(8, per_class))
+    return _credit(fig, data.domains)
 
 
 def plot_rank(
@@ -230,9 +232,20 @@ def plot_example_queries(
 
     names = [data.class_names[label] for label in data.labels.tolist()]
     queries = example_queries(data, count=count, **kwargs)
-    return plot_rank_examples(
+    fig = plot_rank_examples(
         data.images, data.labels, embeddings, queries, k=k, metric=metric, titles=names
     )
+    return _credit(fig, data.domains)
+
+
+def _credit(fig: Figure, domains: Sequence[str]) -> Figure:
+    """Put the emoji designs' attribution under a figure that shows their images."""
+    from utils_cv.similarity.datasets.emoji import attribution
+
+    line = attribution(set(domains))
+    if line:
+        fig.supxlabel(textwrap.fill(line, 160), fontsize=6, color="0.35")
+    return fig
 
 
 def plot_distance_grid(

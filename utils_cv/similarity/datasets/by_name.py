@@ -1,6 +1,7 @@
 """One entry point for the notebooks' ``DATASET`` parameter: a built-in name or your folder.
 
     load_dataset("emoji", image_size=40)            # built once into the cache, then read
+    load_dataset("emoji:openmoji,noto", image_size=40)  # only these designs of it
     load_dataset("fashion_mnist", image_size=40)    # a class-balanced subset, closed set
     load_dataset("/path/to/my/images", image_size=40)  # an ImageFolder tree, read in place
 
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 
 from utils_cv.similarity.datasets.base import DATA_DIR, WHITE, ImageData
-from utils_cv.similarity.datasets.emoji import load_emoji
+from utils_cv.similarity.datasets.emoji import DESIGNS, build_emoji, load_emoji
 from utils_cv.similarity.datasets.fashion_mnist import (
     FASHION_MNIST_DEBIAN,
     load_fashion_mnist,
@@ -77,7 +78,9 @@ def load_dataset(
     """The data a notebook's ``DATASET`` names, with "train", "val" and "test" splits.
 
     Args:
-        dataset: "emoji" (cross-design emoji, split by class), "fashion_mnist" (a seeded,
+        dataset: "emoji" (cross-design emoji in all eight designs, split by class; e.g.
+            "emoji:openmoji,noto,symbola,unifont" keeps only the designs named after the
+            colon, here the four drawn from fonts), "fashion_mnist" (a seeded,
             class-balanced subset of Fashion-MNIST: 300 training, 60 validation and 300 test
             images per class, closed set: the same 10 classes in every split), or the path
             of an ImageFolder tree (``load_image_folder``: split by class like the emoji
@@ -92,8 +95,12 @@ def load_dataset(
     an existing folder.
     """
     name = str(dataset)
-    if name == "emoji":
-        data = load_emoji(cache_dir(data_dir) / "emoji", image_size=image_size)
+    if name == "emoji" or name.startswith("emoji:"):
+        designs, cache = _emoji_designs(name), cache_dir(data_dir)
+        root = cache / "emoji"
+        if not (root / "manifest.csv").exists():
+            build_emoji(root, packages=cache / "npm")  # every design, whichever are asked now
+        data = load_emoji(root, image_size=image_size, designs=designs)
     elif name == "fashion_mnist":
         data = _fashion_mnist_view(cache_dir(data_dir), image_size)
     elif Path(name).expanduser().is_dir():
@@ -114,6 +121,20 @@ def load_dataset(
             keep.append(seen[label, split] <= max_per_class)
         data = data.subset(keep)
     return data
+
+
+def _emoji_designs(name: str) -> list[str] | None:
+    """The designs "emoji:a,b" names (None, all, for "emoji"); ValueError naming the choices."""
+    if name == "emoji":
+        return None
+    designs = [d.strip() for d in name.removeprefix("emoji:").split(",") if d.strip()]
+    unknown = [d for d in designs if d not in DESIGNS]
+    if unknown or not designs:
+        raise ValueError(
+            f"DATASET={name!r} names unknown designs {unknown}; after 'emoji:' list some of "
+            f"{list(DESIGNS)} separated by commas, e.g. 'emoji:openmoji,noto'"
+        )
+    return designs
 
 
 def _fashion_mnist_view(cache: Path, image_size: int) -> ImageData:

