@@ -176,6 +176,20 @@ def test_an_unknown_dataset_names_the_choices(tmp_path):
         load_dataset(str(tmp_path / "no such folder"), image_size=16)
 
 
+def test_emoji_designs_are_chosen_after_a_colon(monkeypatch, tmp_path):
+    with pytest.raises(ValueError, match=r"unknown designs \['apple'\].*'twemoji'"):
+        load_dataset("emoji:openmoji,apple", image_size=16)
+    with pytest.raises(ValueError, match="unknown designs"):
+        load_dataset("emoji:", image_size=16)
+    # The cache gets every design, whichever are asked; only those asked are loaded.
+    calls = {}
+    monkeypatch.setattr(by_name, "build_emoji", lambda root, **kw: calls.setdefault("build", root))
+    monkeypatch.setattr(by_name, "load_emoji", lambda root, **kw: calls.setdefault("load", kw))
+    load_dataset("emoji: noto, twemoji", image_size=16, data_dir=tmp_path / "cache")
+    assert calls["build"] == tmp_path / "cache" / "emoji"
+    assert calls["load"] == {"image_size": 16, "designs": ["noto", "twemoji"]}
+
+
 def test_the_cache_refuses_a_folder_of_someone_elses_files(tmp_path):
     users = write_image_folder(tmp_path / "my photos", classes=2, per_domain=1)
     before = snapshot(users)
