@@ -81,7 +81,7 @@ format: env
 test: data lint
 	$(BIN)/python -m pytest
 
-test-unit: env
+test-unit: data
 	$(BIN)/python -m pytest tests/unit
 
 test-notebooks: data

@@ -11,7 +11,7 @@ import torch
 
 from utils_cv.similarity.datasets import load_emoji
 from utils_cv.similarity.datasets.emoji import DESIGNS
-from utils_cv.similarity.plot import _credit, show_image_grid
+from utils_cv.similarity.plot import credit_designs, show_image_grid
 
 CLASSES = ("red apple", "grinning face", "snowman")
 
@@ -32,7 +32,7 @@ def main() -> None:
             tiles.append(data.images[found[0]])
             titles.append(f"{name}\n{design}")
             shown.add(design)
-    fig = _credit(show_image_grid(torch.stack(tiles), titles, ncols=len(DESIGNS)), shown)
+    fig = credit_designs(show_image_grid(torch.stack(tiles), titles, ncols=len(DESIGNS)), shown)
     path = Path(__file__).with_suffix(".png")
     fig.savefig(path, dpi=80)
     print(f"wrote {path}")

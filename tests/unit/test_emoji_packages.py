@@ -36,7 +36,7 @@ def _package(archive: Path, name: str = "demo") -> ep.NpmPackage:
 
 
 def _fake_npm(tmp_path: Path, monkeypatch, script: str) -> None:
-    """An `npm` on PATH that runs ``script`` (bash; $3 is the pack destination)."""
+    """An `npm` on PATH that runs ``script`` (bash; $4 is the pack destination)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     npm = bin_dir / "npm"
@@ -66,14 +66,61 @@ def test_fetch_runs_npm_pack_and_checks_the_checksum(tmp_path, monkeypatch):
     assert list((tmp_path / "other").iterdir()) == []  # nothing saved
 
 
+def _offline_registry(monkeypatch, url: str) -> None:
+    monkeypatch.setattr(ep.NpmPackage, "tarball_url", property(lambda self: url))
+
+
 def test_fetch_failure_names_the_file_and_the_fix(tmp_path, monkeypatch):
     _fake_npm(tmp_path, monkeypatch, "echo 'npm error code E404' >&2; exit 1\n")
+    _offline_registry(monkeypatch, (tmp_path / "no such file.tgz").as_uri())
     package = ep.NpmPackage("demo", "1.0.0", "0" * 64, "sha512-unused")
     with pytest.raises(ep.PackageFetchError) as error:
         ep.fetch_package(package, tmp_path / "cache")
     message = str(error.value)
     assert "E404" in message and "demo-1.0.0.tgz" in message and "0" * 64 in message
-    assert "designs=FONT_DESIGNS" in message
+    assert "downloading file://" in message and "designs=FONT_DESIGNS" in message
+    assert list((tmp_path / "cache").iterdir()) == []  # no temporary folder left
+
+
+def test_without_npm_the_archive_is_downloaded_and_checked(tmp_path, monkeypatch):
+    source = _tgz(tmp_path / "source.tgz", {"package/a.txt": b"a"})
+    monkeypatch.setattr(ep.shutil, "which", lambda name: None)
+    _offline_registry(monkeypatch, source.as_uri())
+    path = ep.fetch_package(_package(source), tmp_path / "cache")
+    assert path.read_bytes() == source.read_bytes()
+    with pytest.raises(ValueError, match="checksum mismatch"):
+        ep.fetch_package(ep.NpmPackage("demo", "2.0.0", "0" * 64, "-"), tmp_path / "cache")
+
+
+def test_a_class_without_its_own_file_gets_no_image(tmp_path, monkeypatch):
+    index = json.dumps(
+        [
+            {"unified": "1F34E", "non_qualified": None, "image": "1f34e.png",
+             "has_img_twitter": True},
+            {"unified": "1F600", "non_qualified": None, "image": "1f600.png",
+             "has_img_twitter": True},  # listed, but its file is not in the archive
+            {"unified": "1F350", "non_qualified": None, "image": "1f350.png",
+             "has_img_twitter": False},  # a file, but marked as not Twitter's drawing
+        ]
+    ).encode()  # fmt: skip
+    png = io.BytesIO()
+    Image.new("RGB", (64, 64), "red").save(png, format="PNG")
+    archive = _tgz(
+        tmp_path / "demo-1.0.0.tgz",
+        {
+            "package/emoji.json": index,
+            "package/img/twitter/64/1f34e.png": png.getvalue(),
+            "package/img/twitter/64/1f350.png": png.getvalue(),
+        },
+    )
+    package = _package(archive)
+    monkeypatch.setattr(ep, "TWEMOJI", package)
+    monkeypatch.setitem(ep.IMAGE_DESIGNS, "twemoji", (package, "package/img/twitter/64/"))
+    classes = [EmojiClass((c,), f"c{c}") for c in (0x1F34E, 0x1F600, 0x1F350, 0x1F34F)]
+    sources, _ = ep.package_sources(["twemoji"], classes, tmp_path)
+    assert list(sources["twemoji"]) == [(0x1F34E,)]
+    drawn = list(ep.render_sources("twemoji", classes, sources["twemoji"], 32))
+    assert [cls.codepoints for cls, _ in drawn] == [(0x1F34E,)] and drawn[0][1] is not None
 
 
 def test_read_members_filters_by_prefix_and_skips_links(tmp_path):
@@ -118,6 +165,7 @@ def test_slug_known_answers():
     assert ep.slug(":rescue_worker’s_helmet:") == "rescue-workers-helmet"
     assert ep.slug(":piñata:") == "pinata"
     assert ep.slug(":1st_place_medal:") == "1st-place-medal"
+    assert ep.slug(":keycap_#:") == "keycap-hashtag" and ep.slug(":keycap_*:") == "keycap-asterisk"
 
 
 def test_fluent_files_by_cldr_name_default_tone_and_alias():
@@ -125,12 +173,15 @@ def test_fluent_files_by_cldr_name_default_tone_and_alias():
     waving = EmojiClass((0x1F44B,), "waving hand sign")
     hugging = EmojiClass((0x1F917,), "hugging face")  # CLDR: smiling face with open hands
     apple = EmojiClass((0x1F34E,), "red apple")
-    stems = {"grinning-face", "waving-hand-default", "waving-hand-light", "hugging-face"}
-    found, shared = ep.fluent_files([grinning, waving, hugging, apple], stems)
+    mage = EmojiClass((0x1F9D9,), "mage")  # Fluent: person-mage, beside man- and woman-mage
+    stems = {"grinning-face", "waving-hand-default", "waving-hand-light", "hugging-face",
+             "person-mage-default", "man-mage-default"}  # fmt: skip
+    found, shared = ep.fluent_files([grinning, waving, hugging, apple, mage], stems)
     assert found == {
         (0x1F600,): "grinning-face",
         (0x1F44B,): "waving-hand-default",
         (0x1F917,): "hugging-face",
+        (0x1F9D9,): "person-mage-default",
     }
     assert shared == 0
 

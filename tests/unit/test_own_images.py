@@ -17,6 +17,7 @@ from utils_cv.similarity.datasets import (
     by_name,
     cache_dir,
     cross_domain_pair,
+    cross_domain_views,
     example_queries,
     load_dataset,
     load_image_folder,
@@ -150,6 +151,12 @@ def test_the_cross_domain_pair_is_the_two_largest_domains():
     # b and c both have two images: c was seen first, so it ranks before b.
     data = toy([0, 0, 0, 1, 1, 1, 1], ["c", "a", "b", "a", "b", "a", "c"])
     assert cross_domain_pair(data) == ("a", "c")
+    assert cross_domain_views(data) == [("a", "c")]
+    assert cross_domain_views(toy([0, 0, 1], ["", "", ""])) == []
+    emoji = toy(
+        [0, 0, 0, 0, 1, 1], ["openmoji", "noto", "fluent_flat", "twemoji", "openmoji", "noto"]
+    )
+    assert cross_domain_views(emoji) == [("openmoji", "noto"), ("fluent_flat", "twemoji")]
     # "auto" queries come from the first domain of the pair.
     assert all(data.domains[i] == "a" for i in example_queries(data, count=2))
 
@@ -251,3 +258,22 @@ def test_split_summary_says_whether_the_test_classes_are_new():
     )
     closed = ImageData(**{**open_set.__dict__, "labels": torch.tensor([0, 1, 0, 1, 0, 1])})
     assert "closed set: 2 test classes are also training" in split_summary(closed)
+
+
+def test_offline_the_font_designs_alone_are_built_when_only_they_are_asked(monkeypatch, tmp_path):
+    from utils_cv.similarity.datasets.emoji_packages import PackageFetchError
+
+    builds = []
+
+    def build(root, designs=None, **kwargs):
+        builds.append(designs)
+        if designs is None:
+            raise PackageFetchError("cannot fetch fluentui-emoji-1.3.0.tgz")
+
+    monkeypatch.setattr(by_name, "build_emoji", build)
+    monkeypatch.setattr(by_name, "load_emoji", lambda root, **kw: kw["designs"])
+    with pytest.warns(UserWarning, match="font designs only"):
+        load_dataset("emoji:openmoji,noto", image_size=16, data_dir=tmp_path / "a")
+    assert builds == [None, ("openmoji", "noto", "symbola", "unifont")]
+    with pytest.raises(PackageFetchError):  # Twemoji needs its package: no quiet substitute
+        load_dataset("emoji:twemoji", image_size=16, data_dir=tmp_path / "b")

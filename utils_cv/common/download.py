@@ -66,8 +66,9 @@ def download(url: str, path: str | os.PathLike, sha256: str, timeout: float = 60
     return path
 
 
-def _check_name(name: str, archive: Path) -> str:
-    """The member name normalized to a relative POSIX path; refuses unsafe names."""
+def check_member_name(name: str, archive: Path) -> str:
+    """The member name normalized to a relative POSIX path; ValueError for an absolute name
+    or one with a ``..`` component (what an extraction must never write)."""
     unified = name.replace("\\", "/")
     if unified.startswith("/") or re.match(r"[A-Za-z]:", unified):
         raise ValueError(f"unsafe archive {archive}: member {name!r} has an absolute path")
@@ -102,7 +103,7 @@ def _walk(path: str, links: set[str], name: str, archive: Path) -> str:
 def _check_tar(tar: tarfile.TarFile, archive: Path) -> None:
     links: set[str] = set()
     for member in tar.getmembers():
-        name = _walk(_check_name(member.name, archive), links, member.name, archive)
+        name = _walk(check_member_name(member.name, archive), links, member.name, archive)
         if member.issym() or member.islnk():
             if member.linkname.startswith("/"):
                 raise ValueError(
@@ -134,7 +135,7 @@ def safe_extract(archive: str | os.PathLike, dest: str | os.PathLike) -> Path:
     if zipfile.is_zipfile(archive):
         with zipfile.ZipFile(archive) as zip_file:
             for name in zip_file.namelist():
-                _check_name(name, archive)
+                check_member_name(name, archive)
             zip_file.extractall(dest)
     elif tarfile.is_tarfile(archive):
         with tarfile.open(archive) as tar:

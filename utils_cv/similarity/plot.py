@@ -84,14 +84,15 @@ def show_class_examples(data, count: int = 6, per_class: int = 4) -> Figure:
     if not ranked:
         raise ValueError("data has no images to show")
     rank = {domain: k for k, domain in enumerate(order)}
-    tiles, titles = [], []
+    tiles, titles, shown = [], [], []
     for label in sorted(ranked):
         for i in sorted(by_class[label], key=lambda i: rank.get(data.domains[i], 0))[:per_class]:
             tiles.append(data.images[i])
             titles.append(f"{data.class_names[label][:18]}\n{data.domains[i]}".rstrip())
-    # Two classes of four a row, one of eight: rows stay eight tiles wide.
-    fig = show_image_grid(torch.stack(tiles), titles, ncols=max(8, per_class))
-    return _credit(fig, data.domains)
+            shown.append(data.domains[i])
+    # As many whole classes a row as fit in eight tiles (two of four, one of eight).
+    fig = show_image_grid(torch.stack(tiles), titles, ncols=per_class * max(1, 8 // per_class))
+    return credit_designs(fig, shown)
 
 
 def plot_rank(
@@ -235,16 +236,21 @@ def plot_example_queries(
     fig = plot_rank_examples(
         data.images, data.labels, embeddings, queries, k=k, metric=metric, titles=names
     )
-    return _credit(fig, data.domains)
+    return credit_designs(fig, data.domains)
 
 
-def _credit(fig: Figure, domains: Sequence[str]) -> Figure:
-    """Put the emoji designs' attribution under a figure that shows their images."""
+def credit_designs(fig: Figure, domains: Sequence[str]) -> Figure:
+    """Put the attribution of the emoji designs among ``domains`` under ``fig``.
+
+    Figures that show emoji images must credit their designers (data/README.md); other
+    domains (your own folders) add nothing. Returns ``fig``.
+    """
     from utils_cv.similarity.datasets.emoji import attribution
 
     line = attribution(set(domains))
     if line:
-        fig.supxlabel(textwrap.fill(line, 160), fontsize=6, color="0.35")
+        text = textwrap.fill(line, 160, break_on_hyphens=False)
+        fig.supxlabel(text, fontsize=6, color="0.35")
     return fig
 
 

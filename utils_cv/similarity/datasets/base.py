@@ -203,6 +203,24 @@ def cross_domain_pair(data: ImageData) -> tuple[str, str] | None:
     return ranked[0], ranked[1]
 
 
+# Cross-design views of the emoji benchmark beside the two largest designs: a pair of
+# designs that are both new in the eight-design build and drawn by different designers.
+EMOJI_VIEWS: tuple[tuple[str, str], ...] = (("fluent_flat", "twemoji"),)
+
+
+def cross_domain_views(data: ImageData) -> list[tuple[str, str]]:
+    """The (query, reference) domain pairs to evaluate across domains, main one first.
+
+    ``cross_domain_pair`` (OpenMoji → Noto on the emoji data), then each of
+    ``EMOJI_VIEWS`` whose two domains both have images (Fluent flat → Twemoji). Empty
+    without domains.
+    """
+    main = cross_domain_pair(data)
+    present = set(data.domains)
+    extra = [v for v in EMOJI_VIEWS if v != main and set(v) <= present]
+    return ([main] if main else []) + extra
+
+
 def example_queries(data: ImageData, count: int = 4, domain: str | None = "auto") -> list[int]:
     """Indices of ``count`` fixed example queries of distinct classes, the same in every notebook.
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,8 @@ import torch
 
 from utils_cv.similarity.datasets.base import DATA_DIR, WHITE, ImageData
 from utils_cv.similarity.datasets.emoji import DESIGNS, build_emoji, load_emoji
+from utils_cv.similarity.datasets.emoji_fonts import FONT_DESIGNS
+from utils_cv.similarity.datasets.emoji_packages import PackageFetchError
 from utils_cv.similarity.datasets.fashion_mnist import (
     FASHION_MNIST_DEBIAN,
     load_fashion_mnist,
@@ -99,7 +102,7 @@ def load_dataset(
         designs, cache = _emoji_designs(name), cache_dir(data_dir)
         root = cache / "emoji"
         if not (root / "manifest.csv").exists():
-            build_emoji(root, packages=cache / "npm")  # every design, whichever are asked now
+            _build_every_design(root, cache / "npm", designs)
         data = load_emoji(root, image_size=image_size, designs=designs)
     elif name == "fashion_mnist":
         data = _fashion_mnist_view(cache_dir(data_dir), image_size)
@@ -121,6 +124,18 @@ def load_dataset(
             keep.append(seen[label, split] <= max_per_class)
         data = data.subset(keep)
     return data
+
+
+def _build_every_design(root: Path, packages: Path, designs: list[str] | None) -> None:
+    """Build all eight designs, whichever are asked now; offline, the fonts alone will do
+    when only font designs are asked (a later "emoji" then asks for a rebuild)."""
+    try:
+        build_emoji(root, packages=packages)
+    except PackageFetchError as error:
+        if designs is None or not set(designs) <= set(FONT_DESIGNS):
+            raise
+        warnings.warn(f"building the font designs only: {error}", stacklevel=3)
+        build_emoji(root, designs=FONT_DESIGNS)
 
 
 def _emoji_designs(name: str) -> list[str] | None:

@@ -21,6 +21,8 @@ from fontTools.ttLib import TTFont, newTable
 from fontTools.ttLib.tables._c_m_a_p import CmapSubtable
 from PIL import Image, ImageChops, ImageDraw, ImageFont
 
+from utils_cv.similarity.datasets.base import to_rgb
+
 # The designs drawn from fonts; emoji_packages adds the ones that come as image files.
 FONT_DESIGNS: tuple[str, ...] = ("openmoji", "noto", "symbola", "unifont")
 APT_INSTALL = "sudo apt-get install fonts-noto-color-emoji fonts-symbola fonts-unifont"
@@ -350,9 +352,7 @@ def fit_on_white(canvas: Image.Image, image_size: int) -> Image.Image | None:
     Ink is any pixel that differs from white by more than a small threshold.
     Returns an RGB image_size x image_size image, or None when the drawing is blank.
     """
-    if canvas.mode != "RGB":
-        rgba = canvas.convert("RGBA")
-        canvas = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("RGB")
+    canvas = to_rgb(canvas)
     difference = ImageChops.difference(canvas, Image.new("RGB", canvas.size, "white"))
     difference = difference.convert("L")
     if difference.getextrema()[1] <= _INK_THRESHOLD:

@@ -16,6 +16,7 @@ something: no fallback picture is ever put in its place.
 
 from __future__ import annotations
 
+import http.client
 import io
 import json
 import os
@@ -33,7 +34,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from utils_cv.common.download import _check_name, download, sha256_file
+from utils_cv.common.download import check_member_name, download, sha256_file
 from utils_cv.similarity.datasets.emoji_fonts import EmojiClass, fit_on_white
 
 _VS16 = 0xFE0F
@@ -91,41 +92,49 @@ def fetch_package(package: NpmPackage, folder: str | os.PathLike) -> Path:
     """The package's archive in ``folder`` (``folder/NAME-VERSION.tgz``), fetched when missing.
 
     A file already there is used when its sha256 matches. Otherwise ``npm pack`` fetches it
-    (through your npm configuration, a registry mirror included), or, without npm, it is
-    downloaded from the npm registry. The archive is moved into place only after its
-    sha256 matched. Raises PackageFetchError naming the fix when neither works, and
-    ValueError on a checksum mismatch.
+    (through your npm configuration, a registry mirror included); where npm is missing or
+    fails, it is downloaded from the npm registry. The archive is moved into place only
+    after its sha256 matched. Raises PackageFetchError naming the fix when neither works,
+    and ValueError on a checksum mismatch (the bytes are then not used at all).
     """
     folder = Path(folder)
     path = folder / package.filename
     if path.is_file() and sha256_file(path) == package.sha256:
         return path
     folder.mkdir(parents=True, exist_ok=True)
-    fix = (
-        f"Check the connection to the npm registry, or put {package.filename} (sha256 "
-        f"{package.sha256}, from `npm pack {package.name}@{package.version}`) into {folder}; "
-        "or build without these designs, e.g. load_emoji(designs=FONT_DESIGNS)"
-    )
     npm = shutil.which("npm")
-    if npm is None:
+    failures = [_npm_pack(npm, package, path) if npm else "npm is not installed"]
+    if failures[0] is None:
+        return path
+    try:
+        return download(package.tarball_url, path, package.sha256, timeout=120)
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as error:
+        failures.append(f"downloading {package.tarball_url} failed ({error})")
+    raise PackageFetchError(
+        f"cannot fetch {package.filename}: {'; '.join(failures)}. Check the connection to the "
+        f"npm registry, or put {package.filename} (sha256 {package.sha256}, from `npm pack "
+        f"{package.name}@{package.version}`) into {folder}; or build without these designs, "
+        "e.g. load_emoji(designs=FONT_DESIGNS)"
+    )
+
+
+def _npm_pack(npm: str, package: NpmPackage, path: Path) -> str | None:
+    """``npm pack`` into ``path`` (checksum verified); None when done, else what failed."""
+    spec = f"{package.name}@{package.version}"
+    with tempfile.TemporaryDirectory(prefix=".npm-pack-", dir=path.parent) as tmp:
+        # Short network timeouts: a stalled registry or proxy fails in minutes, not in 15.
+        command = [npm, "pack", spec, "--pack-destination", tmp, "--fetch-timeout=60000",
+                   "--fetch-retries=1"]  # fmt: skip
         try:
-            return download(package.tarball_url, path, package.sha256, timeout=120)
-        except (urllib.error.URLError, OSError) as error:
-            raise PackageFetchError(
-                f"cannot download {package.tarball_url} ({error}) and npm is not installed. {fix}"
-            ) from error
-    with tempfile.TemporaryDirectory(prefix=".npm-pack-", dir=folder) as tmp:
-        command = [npm, "pack", f"{package.name}@{package.version}", "--pack-destination", tmp]
-        try:
-            result = subprocess.run(command, capture_output=True, text=True, timeout=900)
-        except subprocess.TimeoutExpired as error:
-            raise PackageFetchError(f"`{' '.join(command[1:3])}` timed out. {fix}") from error
+            result = subprocess.run(
+                command, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL
+            )
+        except subprocess.TimeoutExpired:
+            return f"`npm pack {spec}` timed out after 300 s"
         packed = Path(tmp) / package.filename
         if result.returncode != 0 or not packed.is_file():
             detail = (result.stderr or result.stdout).strip().splitlines()[-3:]
-            raise PackageFetchError(
-                f"`npm pack {package.name}@{package.version}` failed: {' / '.join(detail)}. {fix}"
-            )
+            return f"`npm pack {spec}` failed ({' / '.join(detail)})"
         digest = sha256_file(packed)
         if digest != package.sha256:
             raise ValueError(
@@ -134,7 +143,7 @@ def fetch_package(package: NpmPackage, folder: str | os.PathLike) -> Path:
                 "bytes for this version: do not use them."
             )
         os.replace(packed, path)
-    return path
+    return None
 
 
 def read_members(archive: str | os.PathLike, prefixes: Iterable[str]) -> dict[str, bytes]:
@@ -148,7 +157,7 @@ def read_members(archive: str | os.PathLike, prefixes: Iterable[str]) -> dict[st
     with tarfile.open(archive, "r:gz") as tar:
         for member in tar:
             if member.isfile() and member.name.startswith(prefixes):
-                name = _check_name(member.name, archive)
+                name = check_member_name(member.name, archive)
                 members[name] = tar.extractfile(member).read()
     return members
 
@@ -184,9 +193,10 @@ def slug(name: str) -> str:
     """A CLDR short name as Fluent Emoji's file names spell it.
 
     ":A_button_(blood_type):" -> "a-button-blood-type", "rescue worker's helmet" ->
-    "rescue-workers-helmet", "piñata" -> "pinata".
+    "rescue-workers-helmet", "piñata" -> "pinata", ":keycap_#:" -> "keycap-hashtag".
     """
     name = name.strip(":").lower().replace("’", "").replace("'", "")
+    name = name.replace("#", " hashtag ").replace("*", " asterisk ")
     name = py_unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode()
     return re.sub(r"[^a-z0-9]+", "-", name).strip("-")
 
@@ -210,9 +220,10 @@ def fluent_files(
     """Code points -> Fluent Emoji file stem, for the classes one of ``stems`` names.
 
     A class matches the file named by its CLDR short name (``slug``), or that name plus
-    "-default" (the yellow one of an emoji with skin tones); failing both, by one of its
-    other aliases in the ``emoji`` package, unless that alias is some other emoji's CLDR
-    name. A file two classes would share is given to neither. Skin-tone variants find no
+    "-default" (the yellow one of an emoji with skin tones), each also with "person-"
+    before it (Fluent's name for the gender-neutral form: "mage" is ``person-mage``);
+    failing these, by one of its other aliases in the ``emoji`` package. A "person-" name
+    or an alias that is some other emoji's CLDR name is never used. A file two classes would share is given to neither. Skin-tone variants find no
     file (Fluent names them by tone, not by code point). Returns (matches, number of
     classes left out because their file was shared).
     """
@@ -224,9 +235,11 @@ def fluent_files(
         name = names.get(cls.codepoints)
         if name is None:
             continue
-        own = [slug(name)]
-        other = [slug(a) for a in aliases[cls.codepoints] if slug(a) not in cldr_slugs]
-        for candidate in [*own, *other]:
+        own = slug(name)
+        person = f"person-{own}"
+        candidates = [own] + [person] * (person not in cldr_slugs)
+        candidates += [slug(a) for a in aliases[cls.codepoints] if slug(a) not in cldr_slugs]
+        for candidate in candidates:
             stem = next((s for s in (candidate, f"{candidate}-default") if s in stems), None)
             if stem is not None:
                 wanted[cls.codepoints] = stem
