@@ -16,6 +16,7 @@ something: no fallback picture is ever put in its place.
 
 from __future__ import annotations
 
+import functools
 import http.client
 import io
 import json
@@ -201,8 +202,12 @@ def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name).strip("-")
 
 
+@functools.cache
 def _cldr_names() -> tuple[dict[tuple[int, ...], str], dict[tuple[int, ...], list[str]]]:
-    """(CLDR short name, other aliases) by code points, from the PyPI package ``emoji``."""
+    """(CLDR short name, other aliases) by code points, from the PyPI package ``emoji``.
+
+    Cached: the three Fluent styles of one build all match against it.
+    """
     import emoji
 
     names: dict[tuple[int, ...], str] = {}
@@ -223,9 +228,10 @@ def fluent_files(
     "-default" (the yellow one of an emoji with skin tones), each also with "person-"
     before it (Fluent's name for the gender-neutral form: "mage" is ``person-mage``);
     failing these, by one of its other aliases in the ``emoji`` package. A "person-" name
-    or an alias that is some other emoji's CLDR name is never used. A file two classes would share is given to neither. Skin-tone variants find no
-    file (Fluent names them by tone, not by code point). Returns (matches, number of
-    classes left out because their file was shared).
+    or an alias that is some other emoji's CLDR name is never used. A file two classes
+    would share is given to neither. Skin-tone variants find no file (Fluent names them by
+    tone, not by code point). Returns (matches, number of classes left out because their
+    file was shared).
     """
     stems = set(stems)
     names, aliases = _cldr_names()
