@@ -24,7 +24,8 @@ def test_quickstart_gpu(tmp_path):
     trained = metrics["softmax"]["recall@1"]
     assert trained > metrics["raw_pixels"]["recall@1"] + 0.05
     assert trained > metrics["untrained"]["recall@1"] + 0.05
-    assert trained >= 0.20  # measured 0.318 on an H200 (seed 0); raw pixels 0.108
+    # Eight designs, one H200, seed 0 (2026-12-04): softmax 0.583, raw pixels 0.389.
+    assert trained >= 0.50
 
 
 def test_triplet_baseline_gpu(tmp_path):
@@ -32,10 +33,11 @@ def test_triplet_baseline_gpu(tmp_path):
     assert_sane(metrics)
     assert metrics["preset"] == "gpu" and len(metrics["seeds"]) >= 3
     # The notebook claims only what every run should show: some mining strategy learns an
-    # embedding well above raw pixels (0.108 with the GPU preset in 00_quickstart), and the
-    # seed spread is reported. Not yet run on a GPU: calibrate when it is.
+    # embedding well above raw pixels (0.389 with the GPU preset in 00_quickstart, eight
+    # designs), and the seed spread is reported. Measured so far on an H200 (seed 0):
+    # batch-all 0.531, batch-hard 0.392; the notebook has not finished on a GPU yet.
     best = max(metrics["methods"][m]["recall@1"] for m in ("batch_all", "semi_hard", "batch_hard"))
-    assert best > 0.16
+    assert best > 0.44
     assert "recall@1_std" in metrics["methods"]["batch_all"]
 
 
@@ -43,9 +45,10 @@ def test_proxy_nca_gpu(tmp_path):
     metrics = run_notebook("02_proxy_nca", tmp_path, PRESET="gpu")
     assert_sane(metrics)
     assert metrics["preset"] == "gpu" and len(metrics["seeds"]) >= 3
-    # Not yet run on a GPU: the notebook claims only that ProxyNCA learns an embedding well
-    # above raw pixels (0.108 with the GPU preset in 00_quickstart) and reports the spread.
-    assert metrics["methods"]["proxy_nca"]["recall@1"] > 0.16
+    # Not yet finished on a GPU: the notebook claims only that ProxyNCA learns an embedding
+    # well above raw pixels (0.389 with the GPU preset in 00_quickstart, eight designs) and
+    # reports the spread.
+    assert metrics["methods"]["proxy_nca"]["recall@1"] > 0.44
     assert "recall@1_std" in metrics["methods"]["proxy_nca"]
     assert set(metrics["sweeps"]) == {
         "scale",
@@ -59,10 +62,11 @@ def test_norm_softmax_gpu(tmp_path):
     metrics = run_notebook("03_norm_softmax", tmp_path, PRESET="gpu")
     assert_sane(metrics)
     assert metrics["preset"] == "gpu" and len(metrics["seeds"]) >= 3
-    # Not yet run on a GPU: the notebook claims only that NormSoftmax learns an embedding
-    # well above raw pixels (0.108 with the GPU preset in 00_quickstart), reports the spread
-    # and runs every sweep of the paper.
-    assert metrics["methods"]["norm_softmax"]["recall@1"] > 0.16
+    # Not yet finished on a GPU: the notebook claims only that NormSoftmax learns an
+    # embedding well above raw pixels (0.389 with the GPU preset in 00_quickstart, eight
+    # designs), reports the spread and runs every sweep of the paper. Notebook 04's
+    # NormSoftmax reached 0.60-0.62 on an H200.
+    assert metrics["methods"]["norm_softmax"]["recall@1"] > 0.44
     assert "recall@1_std" in metrics["methods"]["norm_softmax"]
     assert set(metrics["sweeps"]) == {
         "temperature",
@@ -77,13 +81,14 @@ def test_binarization_gpu(tmp_path):
     metrics = run_notebook("04_binarization", tmp_path, PRESET="gpu")
     assert_sane(metrics)
     assert metrics["preset"] == "gpu" and len(metrics["seeds"]) >= 3
-    # Not yet run on a GPU. The notebook's claims: the float embedding learns well above raw
-    # pixels (0.108 with the GPU preset in 00_quickstart); at the largest size the code keeps
+    # Not yet finished on a GPU (D = 64: float 0.60, binary 0.50; D = 256: 0.617 / 0.596 on
+    # an H200). The notebook's claims: the float embedding learns well above raw pixels
+    # (0.389 with the GPU preset in 00_quickstart, eight designs); at the largest size the code keeps
     # most of it (the reference repository loses 0.2 to 1.7 points at 2048 bits); LayerNorm
     # centres the features, while the pooled ReLU features set nearly every bit.
     sizes = metrics["sizes"]
     largest = sizes[max(sizes, key=int)]
-    assert largest["recall@1"] > 0.16
+    assert largest["recall@1"] > 0.44
     assert largest["binary recall@1"] > largest["recall@1"] - 0.05
     threshold = metrics["threshold"]
     assert threshold["pooled"]["share of bits set"] > 0.8
@@ -95,7 +100,8 @@ def test_ranking_regularizer_gpu(tmp_path):
     metrics = run_notebook("05_ranking_regularizer", tmp_path, PRESET="gpu")
     assert_sane(metrics)
     assert metrics["preset"] == "gpu" and len(metrics["seeds"]) >= 3
-    # Not yet run on a GPU. What the notebook claims whatever the outcome of the comparison:
+    # Not yet finished on a GPU (balanced softmax: macro 0.867-0.878 on an H200). What the
+    # notebook claims whatever the outcome of the comparison:
     # every classifier learns Fashion-MNIST far above chance (0.1), the long tail costs
     # macro accuracy, and retrieval runs for all three embeddings.
     closed = metrics["closed_set"]
@@ -113,7 +119,8 @@ def test_embedding_expansion_gpu(tmp_path):
     metrics = run_notebook("06_embedding_expansion", tmp_path, PRESET="gpu")
     assert_sane(metrics)
     assert metrics["preset"] == "gpu" and len(metrics["seeds"]) >= 3
-    # Not yet run on a GPU. What the notebook claims whatever the comparison's outcome: every
+    # Not yet finished on a GPU (batch-hard 0.392-0.437 on an H200). What the notebook
+    # claims whatever the comparison's outcome: every
     # method learns far above chance (1 in about 975 test classes), the ablations ran, the
     # synthetic points are picked as hardest negatives, and the extra memory is the loss's.
     assert all(m["recall@1"] > 0.05 for m in metrics["methods"].values())

@@ -1,0 +1,118 @@
+"""Pack the built-in data small enough for a GPU machine's 64 MiB carry, and unpack it there.
+
+    python .ci/gpu_data.py pack .gpu      # here, from the project's environment
+    python .ci/gpu_data.py unpack .gpu    # there, before the notebooks run (by .gpu/run)
+
+Developer tool for .ci/gpu-bundle; see that script for what travels and why.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import lzma
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SIZE = 64  # the GPU presets' image size
+
+
+def pack(target: Path) -> None:
+    from utils_cv.similarity.datasets import by_name
+    from utils_cv.similarity.datasets.emoji import build_emoji
+    from utils_cv.similarity.datasets.fashion_mnist import FASHION_MNIST_DEBIAN, _read_idx
+
+    out = target / "emoji"
+    if not (out / "pixels.xz").exists():
+        with tempfile.TemporaryDirectory() as tmp:
+            built = Path(tmp) / "emoji"
+            build_emoji(built, image_size=SIZE, packages=ROOT / "data" / "npm")
+            out.mkdir(parents=True, exist_ok=True)
+            for name in ("manifest.csv", "fingerprint.json"):
+                shutil.copy(built / name, out / name)
+            with open(built / "manifest.csv", newline="", encoding="utf-8") as file:
+                paths = [row["path"] for row in csv.DictReader(file)]
+            pixels = np.stack([np.asarray(Image.open(built / p).convert("RGB")) for p in paths])
+            (out / "pixels.xz").write_bytes(lzma.compress(pixels.tobytes(), preset=6))
+    # Fashion-MNIST with the images the built-in view does not pick set to zero.
+    fashion = target / "fashion_mnist"
+    fashion.mkdir(parents=True, exist_ok=True)
+    full = by_name.load_fashion_mnist()
+    picked = np.zeros(len(full.labels), dtype=bool)
+    picked[_view_indices(full)] = True
+    official = np.array(full.splits)
+    for prefix, split in (("train", "train"), ("t10k", "test")):
+        for kind, dim in (("images", 3), ("labels", 1)):
+            name = f"{prefix}-{kind}-idx{dim}-ubyte"
+            raw = gzip.decompress((FASHION_MNIST_DEBIAN / f"{name}.gz").read_bytes())
+            if kind == "images":
+                header = 4 + 4 * 3
+                array = _read_idx(FASHION_MNIST_DEBIAN / f"{name}.gz").copy()
+                array[~picked[official == split]] = 0
+                raw = raw[:header] + array.tobytes()
+            (fashion / f"{name}.gz").write_bytes(gzip.compress(raw, mtime=0))
+    # The check: the view of the zeroed copy equals the view of the full one.
+    original = by_name._fashion_mnist_view(Path(tempfile.gettempdir()), SIZE)
+    saved = by_name.FASHION_MNIST_DEBIAN
+    try:
+        by_name.FASHION_MNIST_DEBIAN = Path("/nonexistent")
+        with tempfile.TemporaryDirectory() as tmp:
+            shutil.copytree(fashion, Path(tmp) / "fashion_mnist")
+            copy = by_name._fashion_mnist_view(Path(tmp), SIZE)
+    finally:
+        by_name.FASHION_MNIST_DEBIAN = saved
+    assert (original.images == copy.images).all() and (original.labels == copy.labels).all()
+    assert original.splits == copy.splits
+    print(f"packed {out} and {fashion}; the Fashion-MNIST view is unchanged")
+
+
+def _view_indices(full) -> np.ndarray:
+    """The indices ``by_name._fashion_mnist_view`` picks (its loop, kept in step by the check
+    in ``pack``)."""
+    from utils_cv.similarity.datasets.by_name import FASHION_MNIST_PER_CLASS
+
+    rng = np.random.default_rng(0)
+    train_count, val_count, test_count = FASHION_MNIST_PER_CLASS
+    labels, official = full.labels.numpy(), np.array(full.splits)
+    chosen = []
+    for label in range(len(full.class_names)):
+        train_pool = rng.permutation(np.flatnonzero((labels == label) & (official == "train")))
+        test_pool = rng.permutation(np.flatnonzero((labels == label) & (official == "test")))
+        chosen += [train_pool[: train_count + val_count], test_pool[:test_count]]
+    return np.concatenate(chosen)
+
+
+def unpack(source: Path) -> None:
+    from utils_cv.similarity.datasets.emoji import fingerprint
+
+    data = ROOT / "data"
+    emoji = data / "emoji"
+    if not (emoji / "manifest.csv").exists():
+        with open(source / "emoji" / "manifest.csv", newline="", encoding="utf-8") as file:
+            paths = [row["path"] for row in csv.DictReader(file)]
+        pixels = np.frombuffer(
+            lzma.decompress((source / "emoji" / "pixels.xz").read_bytes()), dtype=np.uint8
+        ).reshape(len(paths), SIZE, SIZE, 3)
+        for path, image in zip(paths, pixels, strict=True):
+            (emoji / path).parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image).save(emoji / path)
+        shutil.copy(source / "emoji" / "manifest.csv", emoji / "manifest.csv")
+        record = json.loads((source / "emoji" / "fingerprint.json").read_text())
+        record["sha256"] = fingerprint(emoji)  # same pixels, this machine's PNG encoder
+        (emoji / "fingerprint.json").write_text(json.dumps(record, indent=2))
+    if not (data / "fashion_mnist").exists():
+        shutil.copytree(source / "fashion_mnist", data / "fashion_mnist")
+    print(f"data ready in {data}")
+
+
+if __name__ == "__main__":
+    {"pack": pack, "unpack": unpack}[sys.argv[1]](Path(sys.argv[2]))
