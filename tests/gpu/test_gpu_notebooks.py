@@ -81,15 +81,23 @@ def test_binarization_gpu(tmp_path):
     metrics = run_notebook("04_binarization", tmp_path, PRESET="gpu")
     assert_sane(metrics)
     assert metrics["preset"] == "gpu" and len(metrics["seeds"]) >= 3
-    # Not yet finished on a GPU (D = 64: float 0.60, binary 0.50; D = 256: 0.617 / 0.596 on
-    # an H200). The notebook's claims: the float embedding learns well above raw pixels
+    # Measured on an H200 (2026-12-04, three seeds): float / binary Recall@1 0.603 / 0.497
+    # at D = 64, 0.625 / 0.621 at 2048; bits set: pooled 1.0, after LayerNorm 0.43.
+    # The notebook's claims: the float embedding learns well above raw pixels
     # (0.389 with the GPU preset in 00_quickstart, eight designs); at the largest size the code keeps
     # most of it (the reference repository loses 0.2 to 1.7 points at 2048 bits); LayerNorm
     # centres the features, while the pooled ReLU features set nearly every bit.
     sizes = metrics["sizes"]
     largest = sizes[max(sizes, key=int)]
     assert largest["recall@1"] > 0.44
-    assert largest["binary recall@1"] > largest["recall@1"] - 0.05
+    assert largest["binary recall@1"] > largest["recall@1"] - 0.02
+    # ... and the code's loss shrinks with the size (10.6 points at 64 bits on the H200).
+    smallest = sizes[min(sizes, key=int)]
+    gap = {
+        name: s["recall@1"] - s["binary recall@1"]
+        for name, s in (("small", smallest), ("large", largest))
+    }
+    assert gap["small"] > gap["large"] + 0.02
     threshold = metrics["threshold"]
     assert threshold["pooled"]["share of bits set"] > 0.8
     assert 0.3 < threshold["after LayerNorm"]["share of bits set"] < 0.7

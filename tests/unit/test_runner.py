@@ -12,7 +12,7 @@ from utils_cv.similarity import training
 from utils_cv.similarity.losses import SoftmaxLoss, TripletLoss
 from utils_cv.similarity.metrics import retrieval_metrics
 from utils_cv.similarity.models import EmbeddingNet, embed
-from utils_cv.similarity.runner import sweep_table, train_run
+from utils_cv.similarity.runner import sweep_table, train_run, train_runs
 from utils_cv.similarity.samplers import ClassBalancedBatchSampler
 from utils_cv.similarity.training import get_history, make_learner, replace_loss
 
@@ -275,3 +275,33 @@ def test_sweep_table_has_a_row_per_value():
     assert table.loc[1e-2, "recall@1"] == round(runs[1e-2].metrics["recall@1"], 4)
     assert table.loc[1e-3, "best val_recall@1"] == round(runs[1e-3].best_score, 4)
     assert "final active_fraction" in table.columns and "final proxy_accuracy" not in table
+
+
+def test_train_runs_in_worker_processes_gives_the_runs_of_one_after_another():
+    train, val, test = stripes(0), stripes(1), stripes(2)
+
+    # Defined here, as a notebook defines it: joblib sends it by value, with the data.
+    def train_one(seed, margin):
+        return train_run(
+            small_model, lambda: TripletLoss(margin, mining="batch_hard"), train, val=val,
+            test=test, epochs=2, lr=1e-2, seed=seed, classes_per_batch=4, samples_per_class=3,
+            device="cpu",
+        )  # fmt: skip
+
+    jobs = [(0, 0.2), (1, 0.2), (0, 0.5)]
+    here = train_runs(train_one, jobs)
+    there = train_runs(train_one, jobs, workers=2)
+    assert [run.learn is None for run in here] == [False] * 3
+    for one, other in zip(here, there, strict=True):
+        assert other.learn is None and other.best_epoch == one.best_epoch
+        # Worker processes may use fewer threads; float sums then differ in the last bits.
+        assert other.metrics == pytest.approx(one.metrics, abs=1e-6)
+        torch.testing.assert_close(other.embeddings, one.embeddings, rtol=1e-4, atol=1e-5)
+    # Different jobs gave different runs, each in its own place.
+    assert not torch.equal(there[0].embeddings, there[1].embeddings)
+
+
+@pytest.mark.parametrize("workers", [0, -1, 1.5, True])
+def test_train_runs_refuses_a_bad_number_of_workers(workers):
+    with pytest.raises(ValueError, match="workers"):
+        train_runs(lambda: None, [()], workers=workers)

@@ -5,6 +5,9 @@ Every notebook has ``PRESET = "auto"`` in its parameters cell. ``"auto"`` become
 which only checks that the notebook runs end to end. Any parameter the notebook sets to
 a value other than ``None`` overrides the preset.
 
+workers: how many trainings a notebook runs at once (``runner.train_runs``): 1 on the CPU,
+where parallel trainings only share the same cores, several on a GPU.
+
 Seeds: a notebook that trains one model has a ``SEED`` parameter (an int) and passes
 ``seeds=[SEED]``; one that compares methods over seeds has ``SEEDS`` (a list, the preset's
 ``seeds`` when None). Both record the list as "seeds" in metrics.json.
@@ -31,6 +34,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "max_per_class": 8,
         "seeds": [0],
         "weights": None,
+        "workers": 1,
     },
     # A few minutes on 2 CPU cores: a small CNN at low resolution. lr and epochs were chosen
     # on the validation classes (lr 1e-2 beat 3e-3 there), never on the test classes, with
@@ -47,9 +51,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         "max_per_class": None,
         "seeds": [0],
         "weights": None,
+        "workers": 1,
     },
-    # A couple of minutes on one H100: ResNet-18 from scratch at 64 px (50 epochs of the
-    # eight-design data: the steps of the 100 planned on the four-design data).
+    # ResNet-18 from scratch at 64 px (50 epochs of the eight-design data: the steps of the
+    # 100 planned on the four-design data): one training took about 28 s alone on an H200,
+    # 65-100 s beside six others.
     "gpu": {
         "backbone": "resnet18",
         "image_size": 64,
@@ -61,6 +67,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         "max_per_class": None,
         "seeds": [0, 1, 2],
         "weights": None,
+        # Trainings at once (runner.train_runs) in the notebooks that use it: one such
+        # model fills a fraction of an H200; 6 leaves the 16-core machine lent here a
+        # core per process.
+        "workers": 6,
     },
 }
 

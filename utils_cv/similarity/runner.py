@@ -238,6 +238,47 @@ def train_run(
     return run
 
 
+def train_runs(
+    train_one: Callable[..., Run], jobs: Sequence[object], workers: int = 1
+) -> list[Run]:
+    """``[train_one(*job) for job in jobs]``, with up to ``workers`` trainings at once.
+
+    One small model at 64 px keeps a GPU busy with short kernels but fills a fraction of
+    it: on an H200, seven ResNet-18 trainings at once ran at about 2.3 times the images
+    per second of one. With ``workers`` > 1 the jobs run in that many processes (joblib's
+    loky backend, which sends a function defined in a notebook by value, with the data it
+    uses), each training as it would here. On a CPU that only shares the same cores, so
+    the presets keep ``workers`` at 1 there, and the jobs run here one after another.
+
+    Args:
+        train_one: trains one configuration and returns its ``Run`` (``train_run``'s).
+        jobs: the arguments of each call, a tuple each (a single value is one argument).
+        workers: trainings at once; 1 runs them here, in order.
+
+    Returns:
+        The runs in the order of ``jobs``. From worker processes each comes back with
+        ``learn`` None (a Learner does not travel) and its model and loss on the CPU.
+    """
+    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
+        raise ValueError(f"workers={workers!r} must be a positive integer")
+    jobs = [job if isinstance(job, tuple) else (job,) for job in jobs]
+    if workers == 1 or len(jobs) <= 1:
+        return [train_one(*job) for job in jobs]
+    from joblib import Parallel, delayed
+
+    parallel = Parallel(n_jobs=min(workers, len(jobs)), backend="loky")
+    return parallel(delayed(_portable_run)(train_one, job) for job in jobs)
+
+
+def _portable_run(train_one: Callable[..., Run], job: tuple) -> Run:
+    """One job in a worker process, its Run made fit to travel back."""
+    run = train_one(*job)
+    run.learn = None
+    run.model.cpu()
+    run.loss.cpu()
+    return run
+
+
 def _switch_loss(learn: Learner, loss: nn.Module) -> None:
     """Train on with ``loss``; a new optimizer only when it misses the loss's parameters."""
     if learn.loss_func is loss:
