@@ -239,8 +239,8 @@ def train_run(
 
 
 def train_runs(
-    train_one: Callable[..., Run], jobs: Sequence[object], workers: int = 1
-) -> list[Run]:
+    train_one: Callable[..., Run | tuple], jobs: Sequence[object], workers: int = 1
+) -> list[Run | tuple]:
     """``[train_one(*job) for job in jobs]``, with up to ``workers`` trainings at once.
 
     One small model at 64 px keeps a GPU busy with short kernels but fills a fraction of
@@ -251,7 +251,8 @@ def train_runs(
     the presets keep ``workers`` at 1 there, and the jobs run here one after another.
 
     Args:
-        train_one: trains one configuration and returns its ``Run`` (``train_run``'s).
+        train_one: trains one configuration and returns its ``Run`` (``train_run``'s), or a
+            tuple that holds it with other results.
         jobs: the arguments of each call, a tuple each (a single value is one argument).
         workers: trainings at once; 1 runs them here, in order.
 
@@ -270,13 +271,15 @@ def train_runs(
     return parallel(delayed(_portable_run)(train_one, job) for job in jobs)
 
 
-def _portable_run(train_one: Callable[..., Run], job: tuple) -> Run:
-    """One job in a worker process, its Run made fit to travel back."""
-    run = train_one(*job)
-    run.learn = None
-    run.model.cpu()
-    run.loss.cpu()
-    return run
+def _portable_run(train_one: Callable[..., Run], job: tuple) -> Run | tuple:
+    """One job in a worker process, its Run (or each Run of a tuple) made fit to travel."""
+    result = train_one(*job)
+    for run in result if isinstance(result, tuple) else (result,):
+        if isinstance(run, Run):
+            run.learn = None
+            run.model.cpu()
+            run.loss.cpu()
+    return result
 
 
 def _switch_loss(learn: Learner, loss: nn.Module) -> None:
