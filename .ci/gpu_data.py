@@ -29,7 +29,7 @@ SIZE = 64  # the GPU presets' image size
 def pack(target: Path) -> None:
     from utils_cv.similarity.datasets import by_name
     from utils_cv.similarity.datasets.emoji import build_emoji
-    from utils_cv.similarity.datasets.fashion_mnist import FASHION_MNIST_DEBIAN, _read_idx
+    from utils_cv.similarity.datasets.fashion_mnist import FASHION_MNIST_DEBIAN
 
     out = target / "emoji"
     if not (out / "pixels.xz").exists():
@@ -48,17 +48,16 @@ def pack(target: Path) -> None:
     fashion.mkdir(parents=True, exist_ok=True)
     full = by_name.load_fashion_mnist()
     picked = np.zeros(len(full.labels), dtype=bool)
-    picked[_view_indices(full)] = True
+    picked[by_name.fashion_mnist_picks(full)[0]] = True
     official = np.array(full.splits)
     for prefix, split in (("train", "train"), ("t10k", "test")):
         for kind, dim in (("images", 3), ("labels", 1)):
             name = f"{prefix}-{kind}-idx{dim}-ubyte"
             raw = gzip.decompress((FASHION_MNIST_DEBIAN / f"{name}.gz").read_bytes())
-            if kind == "images":
-                header = 4 + 4 * 3
-                array = _read_idx(FASHION_MNIST_DEBIAN / f"{name}.gz").copy()
-                array[~picked[official == split]] = 0
-                raw = raw[:header] + array.tobytes()
+            if kind == "images":  # a 16-byte header, then 28 x 28 bytes per image
+                images = np.frombuffer(raw, np.uint8, offset=16).reshape(-1, 28 * 28).copy()
+                images[~picked[official == split]] = 0
+                raw = raw[:16] + images.tobytes()
             (fashion / f"{name}.gz").write_bytes(gzip.compress(raw, mtime=0))
     # The check: the view of the zeroed copy equals the view of the full one.
     original = by_name._fashion_mnist_view(Path(tempfile.gettempdir()), SIZE)
@@ -73,22 +72,6 @@ def pack(target: Path) -> None:
     assert (original.images == copy.images).all() and (original.labels == copy.labels).all()
     assert original.splits == copy.splits
     print(f"packed {out} and {fashion}; the Fashion-MNIST view is unchanged")
-
-
-def _view_indices(full) -> np.ndarray:
-    """The indices ``by_name._fashion_mnist_view`` picks (its loop, kept in step by the check
-    in ``pack``)."""
-    from utils_cv.similarity.datasets.by_name import FASHION_MNIST_PER_CLASS
-
-    rng = np.random.default_rng(0)
-    train_count, val_count, test_count = FASHION_MNIST_PER_CLASS
-    labels, official = full.labels.numpy(), np.array(full.splits)
-    chosen = []
-    for label in range(len(full.class_names)):
-        train_pool = rng.permutation(np.flatnonzero((labels == label) & (official == "train")))
-        test_pool = rng.permutation(np.flatnonzero((labels == label) & (official == "test")))
-        chosen += [train_pool[: train_count + val_count], test_pool[:test_count]]
-    return np.concatenate(chosen)
 
 
 def unpack(source: Path) -> None:

@@ -156,6 +156,14 @@ def _fashion_mnist_view(cache: Path, image_size: int) -> ImageData:
     debian = FASHION_MNIST_DEBIAN.is_dir()
     # Read at 28 px and resize only the chosen tenth, not all 70,000 images.
     full = load_fashion_mnist(None if debian else cache / "fashion_mnist")
+    chosen, splits = fashion_mnist_picks(full)
+    view = full.subset(torch.tensor(chosen))
+    return dataclasses.replace(view, images=resize_uint8(view.images, image_size), splits=splits)
+
+
+def fashion_mnist_picks(full: ImageData) -> tuple[list[int], list[str]]:
+    """The seeded, class-balanced images of the built-in Fashion-MNIST view: their indices
+    in ``full`` (all 70,000) and the split each gets (``FASHION_MNIST_PER_CLASS``)."""
     rng = np.random.default_rng(0)
     train_count, val_count, test_count = FASHION_MNIST_PER_CLASS
     labels = full.labels.numpy()
@@ -172,5 +180,4 @@ def _fashion_mnist_view(cache: Path, image_size: int) -> ImageData:
         for split, indices in picks.items():
             chosen.extend(indices.tolist())
             splits.extend([split] * len(indices))
-    view = full.subset(torch.tensor(chosen))
-    return dataclasses.replace(view, images=resize_uint8(view.images, image_size), splits=splits)
+    return chosen, splits
