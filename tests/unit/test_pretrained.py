@@ -11,11 +11,13 @@ from matplotlib import cbook
 from PIL import Image
 from torchvision import transforms
 
+from utils_cv.common.device import set_seed
 from utils_cv.similarity.models import (
     INPUT_MEAN_STD,
     EmbeddingNet,
     TwoHeadNet,
     _timm_name,
+    backbone_stages,
     create_backbone,
     efficientnet_lite0,
     efficientnet_lite0_file,
@@ -135,3 +137,44 @@ def test_a_missing_weights_package_is_reported_with_the_fix(monkeypatch):
 def test_unknown_weights_name_for_efficientnet_lists_the_choices():
     with pytest.raises(ValueError, match=r"weights='IMAGENET1K_V1'.*'imagenet'.*None"):
         EmbeddingNet("efficientnet_lite0", weights="IMAGENET1K_V1")
+
+
+@pytest.mark.parametrize(
+    "backbone, n_stages", [("small_cnn", 4), ("resnet18", 5), ("efficientnet_lite0", 9)]
+)
+def test_backbone_stages_hold_every_parameter_once_in_order(backbone, n_stages):
+    model = EmbeddingNet(backbone, embedding_size=8)
+    stages = backbone_stages(model.backbone)
+    assert len(stages) == n_stages
+    in_stages = [p for stage in stages for module in stage for p in module.parameters()]
+    assert [id(p) for p in in_stages] == [id(p) for p in model.backbone.parameters()]
+
+
+def test_frozen_stages_keep_their_weights_and_statistics_while_the_rest_trains():
+    set_seed(0)
+    model = EmbeddingNet("efficientnet_lite0", embedding_size=8, layer_norm=True, frozen_stages=3)
+    stem, first, second, third = (
+        dict(s[0].named_parameters()) for s in backbone_stages(model.backbone)[:4]
+    )
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model.train()  # fastai calls this every epoch: the frozen stages must stay in eval mode
+    for _ in range(2):
+        optimizer.zero_grad()
+        model(torch.rand(4, 3, 32, 32)).sum().backward()
+        optimizer.step()
+    after = model.state_dict()
+    frozen = ("backbone.conv_stem.", "backbone.bn1.", "backbone.blocks.0.", "backbone.blocks.1.")
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and not any(k.startswith(frozen) for k in changed)  # BN statistics too
+    assert any(k.startswith("backbone.blocks.2.") for k in changed)
+    assert any(k.startswith("backbone.blocks.2.") and "running_mean" in k for k in changed)
+    assert not any(p.requires_grad for d in (stem, first, second) for p in d.values())
+    assert all(p.requires_grad for p in third.values())
+    assert not model.backbone.bn1.training and model.backbone.blocks[2].training
+
+
+@pytest.mark.parametrize("frozen", [-1, 10, 1.5])
+def test_frozen_stages_out_of_range_name_the_range(frozen):
+    with pytest.raises(ValueError, match="from 0 to 9"):
+        EmbeddingNet("efficientnet_lite0", frozen_stages=frozen)

@@ -305,3 +305,12 @@ def test_train_runs_in_worker_processes_gives_the_runs_of_one_after_another():
 def test_train_runs_refuses_a_bad_number_of_workers(workers):
     with pytest.raises(ValueError, match="workers"):
         train_runs(lambda: None, [()], workers=workers)
+
+
+def test_frozen_epochs_leave_a_models_own_frozen_stages_frozen(monkeypatch):
+    monkeypatch.setattr(Learner, "fit_one_cycle", lambda self, *args, **kwargs: None)
+    model = EmbeddingNet("small_cnn", embedding_size=16, frozen_stages=2)
+    train_run(model, SoftmaxLoss(16, NUM_CLASSES), stripes(0), epochs=2, lr=1e-2,
+              frozen_epochs=1, batch_size=16, device="cpu")  # fmt: skip
+    trainable = [p.requires_grad for p in model.backbone.parameters()]
+    assert trainable == [False] * 6 + [True] * 6  # conv weight, BN weight and bias per block

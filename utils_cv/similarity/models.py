@@ -34,6 +34,7 @@ import hashlib
 import importlib.resources
 import itertools
 import math
+from collections import OrderedDict
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -94,16 +95,48 @@ def create_backbone(name: str, weights=None) -> tuple[nn.Module, int]:
                 "then loads it from there (set TORCH_HOME to move that folder). Or train from "
                 "scratch with weights=None."
             ) from error
-        layers = [
-            module for child, module in resnet.named_children() if child not in ("avgpool", "fc")
-        ]
-        return nn.Sequential(*layers), resnet.fc.in_features
+        # torchvision's names (conv1, bn1, ..., layer4), so backbone_stages can find them.
+        layers = OrderedDict(
+            (child, module)
+            for child, module in resnet.named_children()
+            if child not in ("avgpool", "fc")
+        )
+        return nn.Sequential(layers), resnet.fc.in_features
     if name == "efficientnet_lite0":
         model = efficientnet_lite0(weights)
         # No pooling, no classifier: the model then returns forward_features' map.
         model.reset_classifier(0, global_pool="")
         return model, model.num_features
     raise ValueError(f"backbone={name!r} is unknown; use one of {BACKBONES}")
+
+
+def backbone_stages(backbone: nn.Module) -> list[list[nn.Module]]:
+    """The backbone's layers with parameters, in the order the image meets them, by stage.
+
+    A stage is what ``EmbeddingNet(frozen_stages=n)`` freezes as a unit (the first n):
+
+    - small_cnn: its four conv blocks (3x3 conv and BatchNorm each);
+    - resnet18/50: the stem (conv1, bn1), then layer1 to layer4 (5 stages);
+    - efficientnet_lite0: the stem (conv_stem, bn1), then timm's seven block stages
+      (16 blocks; 32 px becomes 16, 8, 4, 2 and 1 px on the way), then the head (conv_head,
+      bn2): 9 stages.
+
+    The layers without parameters (ReLU, pooling) need no freezing.
+    """
+    if hasattr(backbone, "conv_stem"):  # timm's EfficientNet
+        return [
+            [backbone.conv_stem, backbone.bn1],
+            *[[stage] for stage in backbone.blocks],
+            [backbone.conv_head, backbone.bn2],
+        ]
+    children = dict(backbone.named_children())
+    if "conv1" in children:  # torchvision's ResNet, as create_backbone keeps it
+        return [[children["conv1"], children["bn1"]]] + [
+            [children[f"layer{i}"]] for i in range(1, 5)
+        ]
+    convs = [m for m in backbone if isinstance(m, nn.Conv2d)]  # small_cnn
+    norms = [m for m in backbone if isinstance(m, nn.BatchNorm2d)]
+    return [list(pair) for pair in zip(convs, norms, strict=True)]
 
 
 def weights_file(weights) -> Path:
@@ -242,6 +275,13 @@ class EmbeddingNet(nn.Module):
             each pooled vector gets zero mean and unit variance.
         normalize: L2-normalize the output, so that embeddings lie on the unit sphere.
         weights: pretrained weights for the backbone (see ``create_backbone``).
+        frozen_stages: how many of the backbone's first stages (``backbone_stages``) stay
+            as they are: their parameters get no gradient and their BatchNorm layers stay in
+            eval mode (running statistics fixed), whatever ``train()`` says. The early
+            stages of a pretrained network hold generic edges and textures and run at the
+            highest resolution: freezing them saves their backward pass, most of the cost of
+            fine-tuning on a CPU. 0 trains everything; all of them train only what follows
+            the backbone.
 
     Input: (N, 3, H, W) float in [0, 1]. Output: (N, D) float.
     """
@@ -254,11 +294,23 @@ class EmbeddingNet(nn.Module):
         layer_norm: bool = False,
         normalize: bool = True,
         weights=None,
+        frozen_stages: int = 0,
     ):
         super().__init__()
         if pooling not in POOLINGS:
             raise ValueError(f"pooling={pooling!r} is unknown; use one of {POOLINGS}")
         self.backbone, channels = create_backbone(backbone, weights)
+        stages = backbone_stages(self.backbone)
+        if not isinstance(frozen_stages, int) or not 0 <= frozen_stages <= len(stages):
+            raise ValueError(
+                f"frozen_stages={frozen_stages!r} must be an integer from 0 to {len(stages)}, "
+                f"the number of stages of {backbone}"
+            )
+        self.frozen_stages = frozen_stages
+        # A tuple, not a ModuleList: these modules are registered once, inside the backbone.
+        self._frozen = tuple(m for stage in stages[:frozen_stages] for m in stage)
+        for module in self._frozen:
+            module.requires_grad_(False)
         self.pooling = pooling
         self.normalize = normalize
         self.embedding_size = channels if embedding_size is None else embedding_size
@@ -269,6 +321,14 @@ class EmbeddingNet(nn.Module):
             else None
         )
         _register_input_mean_std(self, backbone)
+        self.train()
+
+    def train(self, mode: bool = True) -> EmbeddingNet:
+        """As ``nn.Module.train``, but the frozen stages stay in eval mode."""
+        super().train(mode)
+        for module in self._frozen:
+            module.eval()
+        return self
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """x: (N, 3, H, W) float in [0, 1] -> (N, C, h, w) convolutional feature map."""

@@ -207,11 +207,14 @@ def train_run(
     start = time.perf_counter()
     with quiet:
         if frozen_epochs:
+            # Only what trained before trains after: a model's own frozen stages stay frozen.
+            trainable = [p for p in model.backbone.parameters() if p.requires_grad]
             _set_trainable(model.backbone, False)
             try:
                 learn.fit(frozen_epochs, warmup_lr)
             finally:
-                _set_trainable(model.backbone, True)
+                for parameter in trainable:
+                    parameter.requires_grad_(True)
         if warmup_epochs:
             _switch_loss(learn, warmup_loss)
             learn.fit_one_cycle(warmup_epochs, warmup_lr)
