@@ -76,3 +76,66 @@ def test_binary_search_times_every_method(tmp_path):
             assert result["speedup"][str(bits)][str(k)] == pytest.approx(expected)
     slowest = min(s for by_k in result["speedup"].values() for s in by_k.values())
     assert result["meets_target"] == (slowest >= result["target"])
+
+
+def test_finetune_speed_times_every_combination(tmp_path):
+    result = run_script(
+        "finetune_speed.py", tmp_path,
+        "--backbones", "small_cnn", "--sizes", "32", "40", "--frozen", "0", "4",
+        "--variants", "fp32", "channels_last+bf16", "--batch-size", "4", "--steps", "1",
+        "--warmup", "1", "--repeats", "2", "--classes", "8", "--embed-images", "8",
+        "--epoch-images", "100",
+    )  # fmt: skip
+    rows = result["training"]
+    assert {(r["image_size"], r["frozen_stages"], r["variant"]) for r in rows} == {
+        (s, f, v) for s in (32, 40) for f in (0, 4) for v in ("fp32", "channels_last+bf16")
+    }
+    for row in rows:
+        assert len(row["rounds"]) == 2 and row["images_per_second"] > 0
+        assert row["seconds_per_epoch"] == pytest.approx(
+            100 / row["images_per_second"], rel=0.01, abs=0.051
+        )
+    assert [(e["image_size"], e["layout"]) for e in result["embedding"]] == [
+        (32, "contiguous"),
+        (32, "channels_last"),
+        (40, "contiguous"),
+        (40, "channels_last"),
+    ]
+
+
+def test_glyph_folder_writes_a_folder_that_load_image_folder_reads(tmp_path):
+    from utils_cv.similarity.datasets import load_image_folder
+
+    out = tmp_path / "glyphs"
+    subprocess.run(
+        [sys.executable, str(BENCHMARKS / "glyph_folder.py"), str(out), "--max-classes", "12",
+         "--size", "32"],
+        check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    classes = sorted(p.name for p in out.iterdir())
+    assert len(classes) == 12 and classes[0].startswith("U+0021 EXCLAMATION MARK")
+    data = load_image_folder(out, 32)
+    assert data.num_classes == 12 and len(data) >= 12 * 4  # at least --min-fonts each
+    assert {d for d in data.domains} <= {"dejavu_sans", "dejavu_sans_bold_oblique",
+        "dejavu_serif", "dejavu_serif_italic", "dejavu_mono", "stix"}  # fmt: skip
+    # every image has ink (a transparent one is composited onto white)
+    assert (data.images.float().std(dim=(1, 2, 3)) > 0).all()
+
+
+def test_finetune_recipe_reports_validation_scores_per_configuration(tmp_path):
+    folder = tmp_path / "glyphs"
+    subprocess.run(
+        [sys.executable, str(BENCHMARKS / "glyph_folder.py"), str(folder), "--max-classes", "40",
+         "--size", "32"],
+        check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    result = run_script(
+        "finetune_recipe.py", tmp_path, "32:9:1:1e-3", "32:7:2:3e-3", "--dataset", str(folder),
+        "--batch-size", "16", "--embedding-size", "16",
+    )  # fmt: skip
+    first, second = result["runs"]
+    assert (first["frozen_stages"], first["epochs"], second["lr"]) == (9, 1, 3e-3)
+    assert len(first["val_recall@1_by_epoch"]) == 1 and len(second["val_recall@1_by_epoch"]) == 2
+    for run in result["runs"]:
+        assert run["best_val_recall@1"] == max(run["val_recall@1_by_epoch"])
+        assert 0 <= run["best_val_recall@1"] <= 1 and run["training_seconds"] > 0
