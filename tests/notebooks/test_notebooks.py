@@ -26,6 +26,11 @@ EXPECTED_KEYS = {
         "training/final_train_loss",
         "training/best_val_recall@1",
         "summary/softmax recall@1",
+        "imagenet_features/recall@1",
+        "finetuned/recall@1",
+        "finetuned_openmoji_to_noto/recall@1",
+        "finetuning/best_val_recall@1",
+        "summary/fine-tuned recall@1",
     ],
     "01_triplet_baseline": [
         "preset",
