@@ -54,6 +54,10 @@ EXPECTED_KEYS = {
         "history/batch_hard/final_train_loss",
         "best_on_validation",
         "summary/batch_hard recall@1",
+        "pretrained/from ImageNet/batch_hard/recall@1",
+        "pretrained/from ImageNet/softmax/mean test distance",
+        "pretrained/from scratch/batch_hard/recall@1",
+        "summary/pretrained batch_hard recall@1",
     ],
     "02_proxy_nca": [
         "preset",

@@ -3,7 +3,14 @@
 import pytest
 import torch
 
-from utils_cv.similarity.presets import NOTEBOOK_PRESETS, PRESETS, preset_config, resolve_preset
+from utils_cv.similarity.models import efficientnet_lite0_state_dict
+from utils_cv.similarity.presets import (
+    NOTEBOOK_PRESETS,
+    PRESETS,
+    preset_config,
+    pretrained_net,
+    resolve_preset,
+)
 
 
 def test_auto_resolves_by_cuda(monkeypatch):
@@ -198,3 +205,14 @@ def test_notebook_06_trains_at_notebook_01s_budget_with_pairs_in_every_class(pre
     assert all(0 < size <= 1 for size in expansion["occlusion_sizes"])
     with pytest.raises(TypeError, match="POINTS_SWEEP=.*a list of integers"):
         preset_config(preset, notebook="06_embedding_expansion", points_sweep=[2.5])
+
+
+def test_pretrained_net_follows_the_presets_pretrained_setting():
+    config = preset_config("smoke")
+    net = pretrained_net(config, 16, normalize=False)
+    assert net.frozen_stages == config["frozen_stages"] and net.embedding_size == 16
+    assert not net.normalize
+    conv = net.backbone.conv_stem.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last)
+    imagenet = efficientnet_lite0_state_dict()["conv_stem.weight"]
+    assert torch.equal(conv, imagenet)  # the ImageNet weights, not a random start
