@@ -26,6 +26,14 @@ def run_script(name: str, tmp_path: Path, *args: str) -> dict:
     return json.loads(out.read_text())
 
 
+def glyph_folder(out: Path, classes: int) -> Path:
+    """benchmarks/glyph_folder.py's folder of ``classes`` characters at 32 px."""
+    script = [sys.executable, str(BENCHMARKS / "glyph_folder.py"), str(out)]
+    options = ["--max-classes", str(classes), "--size", "32"]
+    subprocess.run(script + options, check=True, capture_output=True, text=True)
+    return out
+
+
 def test_eval_speed_agrees_with_pytorch_metric_learning(tmp_path):
     # more than 1,000 embeddings: the script asks for SOP's Recall@1000
     result = run_script(
@@ -106,12 +114,7 @@ def test_finetune_speed_times_every_combination(tmp_path):
 def test_glyph_folder_writes_a_folder_that_load_image_folder_reads(tmp_path):
     from utils_cv.similarity.datasets import load_image_folder
 
-    out = tmp_path / "glyphs"
-    subprocess.run(
-        [sys.executable, str(BENCHMARKS / "glyph_folder.py"), str(out), "--max-classes", "12",
-         "--size", "32"],
-        check=True, capture_output=True, text=True,
-    )  # fmt: skip
+    out = glyph_folder(tmp_path / "glyphs", classes=12)
     classes = sorted(p.name for p in out.iterdir())
     assert len(classes) == 12 and classes[0].startswith("U+0021 EXCLAMATION MARK")
     data = load_image_folder(out, 32)
@@ -123,12 +126,7 @@ def test_glyph_folder_writes_a_folder_that_load_image_folder_reads(tmp_path):
 
 
 def test_finetune_recipe_reports_validation_scores_per_configuration(tmp_path):
-    folder = tmp_path / "glyphs"
-    subprocess.run(
-        [sys.executable, str(BENCHMARKS / "glyph_folder.py"), str(folder), "--max-classes", "40",
-         "--size", "32"],
-        check=True, capture_output=True, text=True,
-    )  # fmt: skip
+    folder = glyph_folder(tmp_path / "glyphs", classes=40)
     result = run_script(
         "finetune_recipe.py", tmp_path, "32:9:1:1e-3", "32:7:2:3e-3", "--dataset", str(folder),
         "--batch-size", "16", "--embedding-size", "16",
