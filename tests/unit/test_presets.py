@@ -3,10 +3,14 @@
 import pytest
 import torch
 
+from tests.image_folders import write_image_folder
 from utils_cv.similarity.models import efficientnet_lite0_state_dict
 from utils_cv.similarity.presets import (
+    IMAGENET,
     NOTEBOOK_PRESETS,
     PRESETS,
+    SCRATCH,
+    lesson_settings,
     preset_config,
     pretrained_net,
     resolve_preset,
@@ -122,14 +126,26 @@ def test_sweeps_name_only_settings_notebook_02_knows():
         preset_config("cpu", notebook="02_proxy_nca", sweeps="{scale: [3]}")
 
 
-SHARED_WITH_01 = ("image_size", "epochs", "lr", "classes_per_batch", "samples_per_class", "margin")
+# The pretrained setting's budget too: each lesson's second setting trains like 01's.
+SHARED_WITH_01 = ("image_size", "epochs", "lr", "classes_per_batch", "samples_per_class", "margin",
+                  "finetune_image_size", "finetune_epochs", "finetune_lr", "frozen_stages")  # fmt: skip
 
 
-def assert_trains_like_01(preset: str, config: dict) -> None:
-    """A notebook's preset keeps notebook 01's budget and batches, so comparisons are fair."""
+PRETRAINED_BUDGET = ("finetune_epochs", "frozen_stages")
+
+
+def assert_trains_like_01(preset: str, config: dict, pretrained: bool = True) -> None:
+    """A notebook's preset keeps notebook 01's budget and batches, so comparisons are fair.
+
+    pretrained=False: only the scratch setting's; the pretrained one may be smaller (fewer
+    epochs, more frozen stages), never larger.
+    """
     triplet = preset_config(preset, notebook="01_triplet_baseline")
     for key in SHARED_WITH_01:
-        assert config[key] == triplet[key], key
+        if pretrained or key not in PRETRAINED_BUDGET:
+            assert config[key] == triplet[key], key
+    assert config["finetune_epochs"] <= triplet["finetune_epochs"]
+    assert config["frozen_stages"] >= triplet["frozen_stages"]
 
 
 @pytest.mark.parametrize("preset", ["smoke", "cpu", "gpu"])
@@ -198,7 +214,8 @@ def test_notebook_05_retrieves_at_notebook_01s_budget_and_batches(preset):
 @pytest.mark.parametrize("preset", ["smoke", "cpu", "gpu"])
 def test_notebook_06_trains_at_notebook_01s_budget_with_pairs_in_every_class(preset):
     expansion = preset_config(preset, notebook="06_embedding_expansion")
-    assert_trains_like_01(preset, expansion)
+    # Four pretrained trainings do not fit the CPU's 10 minutes at 01's pretrained budget.
+    assert_trains_like_01(preset, expansion, pretrained=preset != "cpu")
     # Embedding Expansion pairs the images of each class: K must be even.
     assert expansion["samples_per_class"] % 2 == 0
     assert expansion["n_points"] not in expansion["points_sweep"]  # the main run gives it
@@ -216,3 +233,25 @@ def test_pretrained_net_follows_the_presets_pretrained_setting():
     assert conv.is_contiguous(memory_format=torch.channels_last)
     imagenet = efficientnet_lite0_state_dict()["conv_stem.weight"]
     assert torch.equal(conv, imagenet)  # the ImageNet weights, not a random start
+
+
+def test_lesson_settings_differ_in_start_size_and_budget_not_in_classes(tmp_path):
+    folder = write_image_folder(tmp_path / "mine", classes=30)
+    config = preset_config("smoke", image_size=24, finetune_image_size=32, finetune_epochs=3)
+    settings = lesson_settings(config, folder, data_dir=tmp_path / "cache")
+    scratch, imagenet = settings[SCRATCH], settings[IMAGENET]
+    assert (scratch.name, imagenet.name) == (SCRATCH, IMAGENET)
+    assert scratch.train.images.shape[-1] == 24 and imagenet.train.images.shape[-1] == 32
+    for split in ("train", "val", "test"):  # the same images in the same order
+        assert torch.equal(getattr(scratch, split).labels, getattr(imagenet, split).labels)
+    assert scratch.train.labels.max() == scratch.train.num_classes - 1  # relabeled
+    assert (scratch.epochs, scratch.lr) == (config["epochs"], config["lr"])
+    assert (imagenet.epochs, imagenet.lr) == (3, config["finetune_lr"])
+    assert imagenet.rate() == imagenet.lr and imagenet.rate(0.5) == imagenet.lr / 2
+    assert imagenet.rate((1.0, 10.0)) == (imagenet.lr, 10 * imagenet.lr)
+    assert imagenet.budget == {"train": imagenet.train, "val": imagenet.val,
+                               "test": imagenet.test, "epochs": 3}  # fmt: skip
+    assert scratch.net(8).embedding_size == 8 and scratch.net(8).frozen_stages == 0
+    pretrained = imagenet.net(normalize=False)
+    assert pretrained.frozen_stages == config["frozen_stages"] and not pretrained.normalize
+    assert pretrained.embedding_size == config["embedding_size"]

@@ -16,10 +16,15 @@ Seeds: a notebook that trains one model has a ``SEED`` parameter (an int) and pa
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
-from typing import Any
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from utils_cv.similarity.datasets import ImageData
 
 PRESETS: dict[str, dict[str, Any]] = {
     # Seconds on 2 CPU cores: proves the code runs, not that it learns.
@@ -83,8 +88,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         # model fills a fraction of an H200; 6 leaves the 16-core machine lent here a
         # core per process.
         "workers": 6,
-        # Every stage fine-tuned, at twice the CPU's size, for longer. Not yet run on a GPU.
-        "finetune_image_size": 128,
+        # Every stage fine-tuned, at the emoji build's own 96 px (128 would only upsample
+        # it), for longer. Not yet run on a GPU: .ci/gpu-bundle carries 64 px images and no
+        # ImageNet weights yet (see its header).
+        "finetune_image_size": 96,
         "finetune_epochs": 20,
         "finetune_lr": 1e-3,
         "frozen_stages": 0,
@@ -99,6 +106,8 @@ for _preset in PRESETS.values():
 # The cures notebook 01 knows for batch-hard collapse (its CURES parameter picks from these).
 TRIPLET_CURES = ("batch_hard_soft", "batch_all_then_hard", "batch_hard_low_lr")
 
+_NORM_SOFTMAX_SWEEPS = ("temperature", "layer_norm", "samples_per_class", "embedding_size",
+                        "frozen_epochs")  # fmt: skip
 # Settings whose values (or, for a dict, keys) must come from a fixed list; a dict of lists
 # holds one list per notebook.
 CHOICES: dict[str, tuple[str, ...] | dict[str, tuple[str, ...]]] = {
@@ -106,14 +115,10 @@ CHOICES: dict[str, tuple[str, ...] | dict[str, tuple[str, ...]]] = {
     # SWEEPS: setting -> values tried beside the main run
     "sweeps": {
         "02_proxy_nca": ("scale", "proxy_lr_multiplier", "include_positive", "proxies_per_class"),
-        "03_norm_softmax": (
-            "temperature",
-            "layer_norm",
-            "samples_per_class",
-            "embedding_size",
-            "frozen_epochs",
-        ),
+        "03_norm_softmax": _NORM_SOFTMAX_SWEEPS,
     },
+    # PRETRAINED_SWEEPS: the same, from ImageNet weights
+    "pretrained_sweeps": {"03_norm_softmax": _NORM_SOFTMAX_SWEEPS},
 }
 # The element type of list settings, checked even where a preset's list is empty.
 LIST_TYPES: dict[str, type] = {
@@ -122,6 +127,7 @@ LIST_TYPES: dict[str, type] = {
     "cures": str,
     "sweep_margins": float,
     "embedding_sizes": int,
+    "pretrained_sizes": int,
     "search_bits": int,
     "imbalance_ratios": float,
     "ranking_weights": float,
@@ -146,6 +152,8 @@ NOTEBOOK_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "seeds": [0, 1],
             "cures": list(TRIPLET_CURES),
             "sweep_margins": [0.05, 0.2, 0.5],
+            # Two pretrained epochs: NormSoftmax's warm-up epoch (03) needs one more after it.
+            "finetune_epochs": 2,
         },
         # Five trainings within the 10-minute budget on 2 slow cores: 32 px and 6 epochs of
         # the eight-design data each (the steps of 12 epochs of the four designs, about 27 s
@@ -173,9 +181,17 @@ NOTEBOOK_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
-# Notebook 02 trains at notebook 01's budget and batches: its settings start from 01's, so
+# Notebook 02 trains at notebook 01's budget and batches, in both settings (from scratch and
+# from ImageNet weights): its settings start from 01's, so
 # the two stay equal by construction, then add the ProxyNCA ones.
-_SHARED_WITH_01 = ("image_size", "epochs", "classes_per_batch", "samples_per_class", "margin")
+_SHARED_WITH_01 = (
+    "image_size",
+    "epochs",
+    "classes_per_batch",
+    "samples_per_class",
+    "margin",
+    "finetune_epochs",
+)
 
 
 def _shared_with_01(preset: str) -> dict[str, Any]:
@@ -233,6 +249,13 @@ _NORM_SOFTMAX = {
         "frozen_epochs": [0],
     },
 }
+# From ImageNet weights, on the first sweep seed beside the main run (about 2 min 20 s
+# each on 2 CPU cores): LayerNorm off on the CPU; the samples per class too on the GPU.
+_NORM_SOFTMAX_PRETRAINED = {
+    "smoke": {"layer_norm": [False]},
+    "cpu": {"layer_norm": [False]},
+    "gpu": {"layer_norm": [False], "samples_per_class": [1, 4, 16]},
+}
 NOTEBOOK_PRESETS["03_norm_softmax"] = {
     name: {
         k: v
@@ -244,6 +267,7 @@ NOTEBOOK_PRESETS["03_norm_softmax"] = {
         "norm_samples_per_class": MAIN_SAMPLES_PER_CLASS,
         "sweeps": sweeps,
         "sweep_seeds": [0],  # every preset; more with SWEEP_SEEDS
+        "pretrained_sweeps": _NORM_SOFTMAX_PRETRAINED[name],
     }
     for name, sweeps in _NORM_SOFTMAX.items()
 }
@@ -254,15 +278,18 @@ NOTEBOOK_PRESETS["03_norm_softmax"] = {
 # (search_bits: code sizes; search_references, search_queries: SOP's test size, fewer queries).
 _BINARIZATION = {
     "smoke": {"embedding_sizes": [16, 64], "search_bits": [64], "search_references": 2000,
-              "search_queries": 50},
+              "search_queries": 50, "pretrained_sizes": [16]},
     # Four trainings of about a minute on 2 slow cores; 256 is small_cnn's channel count, where
     # the code is the sign right after LayerNorm (no remap layer).
+    # pretrained_sizes: the first seed from ImageNet weights, about 2 min 20 s each; 1280 is
+    # EfficientNet-Lite0's channel count (sign right after LayerNorm).
     "cpu": {"embedding_sizes": [32, 128, 256, 1024], "search_bits": [512, 2048],
-            "search_references": 60_502, "search_queries": 500},
+            "search_references": 60_502, "search_queries": 500, "pretrained_sizes": [32, 1280]},
     # ResNet-18 has 512 channels (sign right after LayerNorm at 512); 2048 bits is the paper's
     # size, here from a 512 -> 2048 remap, not its sign after LayerNorm. Not yet run on a GPU.
     "gpu": {"embedding_sizes": [64, 256, 512, 2048], "search_bits": [512, 1024, 2048],
-            "search_references": 60_502, "search_queries": 2000},
+            "search_references": 60_502, "search_queries": 2000,
+            "pretrained_sizes": [64, 256, 1280, 2048]},
 }  # fmt: skip
 NOTEBOOK_PRESETS["04_binarization"] = {
     name: {
@@ -301,10 +328,12 @@ NOTEBOOK_PRESETS["05_ranking_regularizer"] = {
 _EXPANSION = {
     "smoke": {"seeds": [0], "points_sweep": [4], "projection_ablation": True,
               "occlusion_sizes": [0.5]},
-    # Four methods on one seed + two ablations: six trainings of 30-90 s on 2 idle cores
-    # (the 3-seed table in the README: SEEDS=[0, 1, 2]).
-    "cpu": {"seeds": [0], "points_sweep": [8], "projection_ablation": True,
-            "occlusion_sizes": [0.25, 0.5]},
+    # Four methods on one seed + one ablation: five trainings of 30-90 s on 2 idle cores
+    # (the 3-seed table in the README: SEEDS=[0, 1, 2]), then the four methods from ImageNet
+    # weights at a reduced budget: 4 epochs, the first five stages frozen (at 01's 6 epochs
+    # with three frozen they alone would take about 9 minutes).
+    "cpu": {"seeds": [0], "points_sweep": [8], "projection_ablation": False,
+            "occlusion_sizes": [0.25, 0.5], "finetune_epochs": 4, "frozen_stages": 5},
     "gpu": {"seeds": [0, 1, 2], "points_sweep": [4, 8], "projection_ablation": True,
             "occlusion_sizes": [0.25, 0.5]},
 }  # fmt: skip
@@ -328,6 +357,93 @@ def pretrained_net(config: Mapping[str, Any], embedding_size: int | None = None,
     net = EmbeddingNet(config["finetune_backbone"], size, weights="imagenet",
                        frozen_stages=config["frozen_stages"], **kwargs)  # fmt: skip
     return net.to(memory_format=torch.channels_last)
+
+
+# The two settings every lesson trains in (``lesson_settings``).
+SCRATCH, IMAGENET = "from scratch", "from ImageNet"
+
+
+@dataclass
+class Setting:
+    """One of the two settings a lesson trains in: its data (at the setting's image size,
+    split by class), its budget, and how to build its network.
+
+    ``train_run(lambda: setting.net(normalize=True), make_loss, **setting.budget,
+    lr=setting.rate(), seed=...)`` trains in it; ``rate`` scales the learning rate (a
+    proxy's higher one, a cure's lower one).
+    """
+
+    name: str
+    data: ImageData
+    train: ImageData
+    val: ImageData
+    test: ImageData
+    epochs: int
+    lr: float
+    make_net: Callable[..., torch.nn.Module]
+
+    def net(self, embedding_size: int | None = None, **kwargs) -> torch.nn.Module:
+        """The setting's network; ``kwargs`` go to ``EmbeddingNet`` (``normalize``, ...)."""
+        return self.make_net(embedding_size, **kwargs)
+
+    def rate(self, multiple: float | tuple[float, ...] = 1.0) -> float | tuple[float, ...]:
+        """The setting's learning rate times ``multiple``; a tuple gives one rate per
+        parameter group, e.g. ``(1.0, 10.0)``: the network at the rate, a loss's proxies at
+        ten times it (``train_run``'s ``lr``)."""
+        if isinstance(multiple, tuple):
+            return tuple(self.lr * m for m in multiple)
+        return self.lr * multiple
+
+    @property
+    def budget(self) -> dict[str, Any]:
+        """``train_run``'s data and epochs in this setting."""
+        return {"train": self.train, "val": self.val, "test": self.test, "epochs": self.epochs}
+
+
+def lesson_settings(
+    config: Mapping[str, Any],
+    dataset: str | os.PathLike,
+    data_dir: str | os.PathLike | None = None,
+) -> dict[str, Setting]:
+    """The lessons' two settings for ``dataset``, by name:
+
+    - ``SCRATCH``: the preset's ``backbone`` with its ``weights`` (None: a random start),
+      ``image_size``, ``epochs`` and ``lr``;
+    - ``IMAGENET``: ``finetune_backbone`` from ImageNet weights (``pretrained_net``),
+      ``finetune_image_size``, ``finetune_epochs`` and ``finetune_lr``.
+
+    Both use the preset's ``max_classes`` and ``max_per_class`` (the smoke preset's
+    limits), and the same classes in each split: the image size is all their data differ in.
+    """
+    from utils_cv.similarity.datasets import load_dataset
+    from utils_cv.similarity.models import EmbeddingNet
+
+    limits = {key: config[key] for key in ("max_classes", "max_per_class")}
+    loaded: dict[int, ImageData] = {}
+
+    def setting(name: str, size: int, epochs: int, lr: float, make_net) -> Setting:
+        if size not in loaded:
+            loaded[size] = load_dataset(dataset, size, data_dir=data_dir, **limits)
+        data = loaded[size]
+        splits = data.split("train").relabel(), data.split("val"), data.split("test")
+        return Setting(name, data, *splits, epochs=epochs, lr=lr, make_net=make_net)
+
+    def scratch_net(embedding_size=None, **kwargs):
+        size = config["embedding_size"] if embedding_size is None else embedding_size
+        return EmbeddingNet(config["backbone"], size, weights=config["weights"], **kwargs)
+
+    return {
+        SCRATCH: setting(
+            SCRATCH, config["image_size"], config["epochs"], config["lr"], scratch_net
+        ),
+        IMAGENET: setting(
+            IMAGENET,
+            config["finetune_image_size"],
+            config["finetune_epochs"],
+            config["finetune_lr"],
+            lambda embedding_size=None, **kwargs: pretrained_net(config, embedding_size, **kwargs),
+        ),
+    }
 
 
 def resolve_preset(preset: str) -> str:
