@@ -163,3 +163,27 @@ def test_rounded_reaches_into_dicts_lists_and_tensors():
 def test_seed_summary_names_a_missing_key_and_the_fix():
     with pytest.raises(KeyError, match=r"run 1 has no \['map@r'\].*each of the columns"):
         results.seed_summary([RUNS[0], {"method": "x", "seed": 0, "recall@1": 0.1}], ["map@r"])
+
+
+def test_a_measure_that_does_not_apply_to_a_group_stays_none_and_shows_a_dash():
+    runs = [
+        {"method": "batch_hard", "seed": 0, "recall@1": 0.3, "ratio": None},
+        {"method": "batch_hard+EE", "seed": 0, "recall@1": 0.2, "ratio": 0.4},
+        {"method": "batch_hard", "seed": 1, "recall@1": 0.4, "ratio": None},
+        {"method": "batch_hard+EE", "seed": 1, "recall@1": 0.3, "ratio": 0.6},
+    ]
+    summary = results.seed_summary(runs, ["recall@1", "ratio"])
+    assert summary["batch_hard"]["ratio"] is None and "ratio_std" not in summary["batch_hard"]
+    assert summary["batch_hard+EE"]["ratio"] == 0.5
+    table = results.seed_table(runs, ["recall@1", "ratio"])
+    assert table.loc["batch_hard", "ratio"] == "—"
+    assert table.loc["batch_hard+EE", "ratio"] == "0.500 ± 0.141"
+
+
+def test_a_measure_missing_from_some_runs_of_a_group_is_refused():
+    runs = [
+        {"method": "m", "seed": 0, "recall@1": 0.3, "ratio": None},
+        {"method": "m", "seed": 1, "recall@1": 0.4, "ratio": 0.5},
+    ]
+    with pytest.raises(ValueError, match="None in all of them"):
+        results.seed_summary(runs, ["ratio"])

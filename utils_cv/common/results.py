@@ -181,7 +181,8 @@ def seed_summary(
     Returns:
         {group: {column: mean, column + "_std": sample standard deviation (only with two
         runs or more), per_seed + "_by_seed": [value of each run]}}, groups in the order
-        they first appear, numbers rounded to ``digits``.
+        they first appear, numbers rounded to ``digits``. A column that is None in every
+        run of a group (a measure that does not apply to it) is None there, without std.
     """
     groups: dict[str, list[Mapping[str, Any]]] = {}
     for i, run in enumerate(runs):
@@ -194,10 +195,21 @@ def seed_summary(
         groups.setdefault(run[by], []).append(run)
     summary = {}
     for name, rows in groups.items():
-        values = {column: np.array([float(row[column]) for row in rows]) for column in columns}
-        entry: dict[str, Any] = {column: v.mean() for column, v in values.items()}
-        if len(rows) > 1:
-            entry |= {f"{column}_std": v.std(ddof=1) for column, v in values.items()}
+        entry: dict[str, Any] = {}
+        for column in columns:
+            raw = [row[column] for row in rows]
+            if all(value is None for value in raw):  # not measured for this group
+                entry[column] = None
+                continue
+            if any(value is None for value in raw):
+                raise ValueError(
+                    f"{name!r} has {column!r} in some runs and None in others: {raw}; give "
+                    "every run of a group the value, or None in all of them"
+                )
+            values = np.array([float(value) for value in raw])
+            entry[column] = values.mean()
+            if len(rows) > 1:
+                entry[f"{column}_std"] = values.std(ddof=1)
         entry[f"{per_seed}_by_seed"] = [float(row[per_seed]) for row in rows]
         summary[name] = rounded(entry, digits)
     return summary
@@ -220,6 +232,9 @@ def seed_table(
     for name, entry in summary.items():
         cells = {}
         for column in columns:
+            if entry[column] is None:
+                cells[column] = "—"
+                continue
             cell = f"{entry[column]:.{digits}f}"
             if f"{column}_std" in entry:
                 cell += f" ± {entry[f'{column}_std']:.{digits}f}"
