@@ -16,7 +16,7 @@ SYSDEP_FILES := /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf \
                 /usr/share/fonts/opentype/unifont/unifont_upper.otf \
                 /usr/share/datasets/fashion-mnist
 
-.PHONY: env sysdeps data run test test-unit test-notebooks test-gpu lab lint format benchmark clean
+.PHONY: env sysdeps data run test test-unit test-notebooks test-gpu lab lint format compare benchmark clean
 
 env: sysdeps $(STAMP)
 
@@ -89,6 +89,11 @@ test-notebooks: data
 
 test-gpu: data
 	$(BIN)/python -m pytest -m gpu tests/gpu
+
+# Notebook 07's stored results (results/compare/): every method x setting x seed that is not
+# stored yet (about 70 minutes on 2 idle cores from nothing; PRESET=gpu on a GPU).
+compare: data
+	$(BIN)/python benchmarks/compare.py --preset $(PRESET)
 
 benchmark: env
 	$(BIN)/python benchmarks/eval_speed.py

@@ -263,6 +263,27 @@ def _small_cnn() -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+def _freeze_stages(backbone: nn.Module, frozen_stages: int, name: str) -> tuple[nn.Module, ...]:
+    """Freeze the first ``frozen_stages`` stages of ``backbone`` (``backbone_stages``): no
+    gradient for their parameters. Returns their modules, which the model's ``train()``
+    keeps in eval mode (BatchNorm statistics fixed). A tuple, not a ModuleList: the modules
+    are registered once, inside the backbone."""
+    stages = backbone_stages(backbone)
+    if (
+        not isinstance(frozen_stages, int)
+        or isinstance(frozen_stages, bool)
+        or not (0 <= frozen_stages <= len(stages))
+    ):
+        raise ValueError(
+            f"frozen_stages={frozen_stages!r} must be an integer from 0 to {len(stages)}, "
+            f"the number of stages of {name}"
+        )
+    frozen = tuple(m for stage in stages[:frozen_stages] for m in stage)
+    for module in frozen:
+        module.requires_grad_(False)
+    return frozen
+
+
 class EmbeddingNet(nn.Module):
     """Backbone, global pooling, optional LayerNorm and linear layer, optional L2 norm.
 
@@ -300,17 +321,8 @@ class EmbeddingNet(nn.Module):
         if pooling not in POOLINGS:
             raise ValueError(f"pooling={pooling!r} is unknown; use one of {POOLINGS}")
         self.backbone, channels = create_backbone(backbone, weights)
-        stages = backbone_stages(self.backbone)
-        if not isinstance(frozen_stages, int) or not 0 <= frozen_stages <= len(stages):
-            raise ValueError(
-                f"frozen_stages={frozen_stages!r} must be an integer from 0 to {len(stages)}, "
-                f"the number of stages of {backbone}"
-            )
         self.frozen_stages = frozen_stages
-        # A tuple, not a ModuleList: these modules are registered once, inside the backbone.
-        self._frozen = tuple(m for stage in stages[:frozen_stages] for m in stage)
-        for module in self._frozen:
-            module.requires_grad_(False)
+        self._frozen = _freeze_stages(self.backbone, frozen_stages, backbone)
         self.pooling = pooling
         self.normalize = normalize
         self.embedding_size = channels if embedding_size is None else embedding_size
@@ -387,6 +399,8 @@ class TwoHeadNet(nn.Module):
             (height, width).
         embedding_size: D, the size of the ranking embedding.
         weights: pretrained weights for the backbone (see ``create_backbone``).
+        frozen_stages: the first stages of the backbone that stay as they are, as in
+            ``EmbeddingNet``.
 
     ``model(x)`` is the ranking embedding (the retrieval embedding of the model contract);
     ``training_outputs(x)`` gives both heads from one backbone pass; ``logits(x)`` and
@@ -405,6 +419,7 @@ class TwoHeadNet(nn.Module):
         image_size: int | tuple[int, int],
         embedding_size: int = 256,
         weights=None,
+        frozen_stages: int = 0,
     ):
         super().__init__()
         if num_classes < 1 or embedding_size < 1:
@@ -413,6 +428,8 @@ class TwoHeadNet(nn.Module):
             )
         self.image_size = (image_size,) * 2 if isinstance(image_size, int) else tuple(image_size)
         self.backbone, channels = create_backbone(backbone, weights)
+        self.frozen_stages = frozen_stages
+        self._frozen = _freeze_stages(self.backbone, frozen_stages, backbone)
         _register_input_mean_std(self, backbone)
         # Eval mode for the dummy image: BatchNorm must neither update its running
         # statistics nor fail on a 1 x 1 map of one image.
@@ -424,6 +441,14 @@ class TwoHeadNet(nn.Module):
         self.embedding_size = embedding_size
         self.classifier = nn.Linear(channels, num_classes)
         self.embedding_layer = nn.Linear(math.prod(self.map_shape), embedding_size)
+        self.train()
+
+    def train(self, mode: bool = True) -> TwoHeadNet:
+        """As ``nn.Module.train``, but the frozen stages stay in eval mode."""
+        super().train(mode)
+        for module in self._frozen:
+            module.eval()
+        return self
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """x: (N, 3, H, W) float in [0, 1] -> (N, C, h, w) convolutional feature map."""

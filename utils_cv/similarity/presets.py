@@ -343,6 +343,28 @@ NOTEBOOK_PRESETS["06_embedding_expansion"] = {
 }
 
 
+# The two settings every lesson trains in (``lesson_settings``).
+SCRATCH, IMAGENET = "from scratch", "from ImageNet"
+
+
+# Notebook 07 and benchmarks/compare.py: every method at notebook 01's budget and batches, in
+# both settings, with each method's own main setting from its notebook (02's scale and proxy
+# rate, 03's temperature, 06's synthetic points). Seeds: the stored results' three; the
+# notebook's CPU preset re-trains only `recheck` (method, setting) pairs on the first seed.
+_COMPARISON = {
+    "smoke": {"seeds": [0], "recheck": [["batch_hard", SCRATCH]]},
+    "cpu": {"seeds": [0, 1, 2], "recheck": [["softmax", SCRATCH], ["batch_hard", SCRATCH]]},
+    "gpu": {"seeds": [0, 1, 2], "recheck": []},
+}
+NOTEBOOK_PRESETS["07_method_comparison"] = {
+    name: _shared_with_01(name)
+    | {"scale": MAIN_SCALE, "proxy_lr_multiplier": MAIN_PROXY_LR, "temperature": MAIN_TEMPERATURE}
+    | {"n_points": NOTEBOOK_PRESETS["06_embedding_expansion"][name]["n_points"]}
+    | settings
+    for name, settings in _COMPARISON.items()
+}
+
+
 def pretrained_net(config: Mapping[str, Any], embedding_size: int | None = None, **kwargs):
     """The pretrained setting's model: ``EmbeddingNet`` with ``config["finetune_backbone"]``
     and its ImageNet weights, ``config["frozen_stages"]`` frozen, in channels_last layout
@@ -357,10 +379,6 @@ def pretrained_net(config: Mapping[str, Any], embedding_size: int | None = None,
     net = EmbeddingNet(config["finetune_backbone"], size, weights="imagenet",
                        frozen_stages=config["frozen_stages"], **kwargs)  # fmt: skip
     return net.to(memory_format=torch.channels_last)
-
-
-# The two settings every lesson trains in (``lesson_settings``).
-SCRATCH, IMAGENET = "from scratch", "from ImageNet"
 
 
 @dataclass

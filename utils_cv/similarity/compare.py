@@ -1,0 +1,396 @@
+"""Every method under one protocol, and its stored results (notebook 07, benchmarks/compare.py).
+
+One protocol for every method: the same backbone, embedding size, image size, augmentation,
+epoch budget, learning rate and P x K batches (notebook 01's budget, ``preset_config(...,
+notebook="07_method_comparison")``), the epoch chosen on the validation classes, the test
+classes used once at the end. Each method keeps only what defines it: its loss, the
+normalization of its embedding, NormSoftmax's LayerNorm and warm-up epoch, ProxyNCA's proxy
+rate, the ranking regularizer's second head.
+
+A training leaves one small JSON record (``make_record``): the protocol, the versions, the
+git commit, the machine, the data's fingerprint, the test metrics, the per-epoch history and
+a checksum of all that. ``load_results`` refuses a record whose checksum, data or protocol
+does not match, so results made on other data, under another protocol or edited by hand
+never mix with the others.
+
+>>> config = preset_config("cpu", notebook="07_method_comparison")  # doctest: +SKIP
+>>> settings = lesson_settings(config, "emoji")  # doctest: +SKIP
+>>> record = train_method("batch_hard", settings[SCRATCH], config, seed=0)  # doctest: +SKIP
+>>> record["metrics"]["recall@1"]  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import platform
+import re
+import subprocess
+from collections.abc import Iterable, Mapping, Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import utils_cv
+from utils_cv.common.results import rounded
+from utils_cv.similarity.binary import binarize
+from utils_cv.similarity.losses import (
+    EmbeddingExpansion,
+    MultiSimilarityLoss,
+    NormSoftmaxLoss,
+    ProxyNCALoss,
+    RankingRegularizedLoss,
+    SoftmaxLoss,
+    TripletLoss,
+)
+from utils_cv.similarity.metrics import mean_distance, retrieval_metrics
+from utils_cv.similarity.models import TwoHeadNet
+from utils_cv.similarity.presets import IMAGENET, Setting
+from utils_cv.similarity.runner import Run, train_run
+
+SCHEMA = 1
+REPOSITORY = Path(__file__).resolve().parents[2]
+# The stored results of the CPU preset, in the repository (benchmarks/compare.py writes them).
+RESULTS_DIR = REPOSITORY / "results" / "compare"
+
+# What each method is, in the order the table shows them.
+METHODS: dict[str, str] = {
+    "softmax": "softmax classifier: cross-entropy with a bias, embedding not normalized",
+    "batch_all": "triplet loss, every active triplet of the batch (batch-all)",
+    "semi_hard": "triplet loss, one semi-hard negative per positive pair",
+    "batch_hard": "triplet loss, the hardest positive and negative of each anchor",
+    "proxy_nca": "ProxyNCA, softmax form, one proxy per class",
+    "norm_softmax": "NormSoftmax: cosine classifier, LayerNorm, one warm-up epoch",
+    "ranking_head": "softmax + batch-hard on a second head (ranking regularizer): that head",
+    "multi_similarity": "multi-similarity loss with its pair mining",
+    "ee": "Embedding Expansion on the pair-based loss best on the validation classes",
+}
+# The bases EE may be put on (pair-based losses); ``best_base`` picks one per setting.
+PAIR_BASED = ("batch_all", "semi_hard", "batch_hard", "multi_similarity")
+# The protocol's settings; a record made under other values is not mixed with the others.
+PROTOCOL_KEYS = (
+    "backbone", "weights", "image_size", "epochs", "lr", "embedding_size", "classes_per_batch",
+    "samples_per_class", "margin", "scale", "proxy_lr_multiplier", "temperature", "n_points",
+    "finetune_backbone", "finetune_image_size", "finetune_epochs", "finetune_lr", "frozen_stages",
+    "max_classes", "max_per_class",
+)  # fmt: skip
+KS = (1, 2, 4, 8)
+# Below this mean test distance an embedding has collapsed (random unit vectors: about 1.41).
+COLLAPSED = 0.05
+
+
+class StoredResultError(RuntimeError):
+    """A stored result cannot be used: edited, made on other data or under another protocol."""
+
+
+def protocol(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings every method shares, as recorded with each result."""
+    missing = [key for key in PROTOCOL_KEYS if key not in config]
+    if missing:
+        raise KeyError(f"the config lacks the protocol's settings {missing}")
+    return {key: config[key] for key in PROTOCOL_KEYS}
+
+
+def data_fingerprint(setting: Setting) -> str:
+    """sha256 of a setting's three splits as trained on: images (at the setting's size),
+    labels, class names. Two loads of the same data at the same size give the same value."""
+    digest = hashlib.sha256()
+    for split in (setting.train, setting.val, setting.test):
+        digest.update(split.images.cpu().contiguous().numpy().tobytes())
+        digest.update(split.labels.cpu().numpy().tobytes())
+        digest.update("\n".join(split.class_names).encode())
+    return digest.hexdigest()
+
+
+def best_base(val_scores: Mapping[str, Sequence[float]]) -> str:
+    """The pair-based loss with the best mean validation Recall@1 (test classes unused).
+
+    val_scores: method -> the best validation Recall@1 of each of its seeds.
+    """
+    scored = {m: sum(v) / len(v) for m, v in val_scores.items() if m in PAIR_BASED and v}
+    if not scored:
+        raise ValueError(f"EE needs a trained pair-based base first, one of {PAIR_BASED}")
+    return max(scored, key=scored.get)
+
+
+def _net(setting: Setting, normalize: bool = True, **kwargs) -> torch.nn.Module:
+    return setting.net(normalize=normalize, **kwargs)
+
+
+def _two_head(setting: Setting, config: Mapping[str, Any]) -> torch.nn.Module:
+    imagenet = setting.name == IMAGENET
+    backbone = config["finetune_backbone" if imagenet else "backbone"]
+    model = TwoHeadNet(
+        backbone,
+        num_classes=setting.train.num_classes,
+        image_size=tuple(setting.train.images.shape[2:]),
+        embedding_size=config["embedding_size"],
+        weights="imagenet" if imagenet else config["weights"],
+        frozen_stages=config["frozen_stages"] if imagenet else 0,
+    )
+    return model.to(memory_format=torch.channels_last) if imagenet else model
+
+
+def method_recipe(
+    method: str, setting: Setting, config: Mapping[str, Any], ee_base: str | None = None
+) -> dict[str, Any]:
+    """``train_run``'s model, loss, learning rate and phases for ``method`` in ``setting``.
+
+    Every method gets the same P x K batches (``classes_per_batch`` x ``samples_per_class``),
+    budget and rate; ProxyNCA's proxies train at ``proxy_lr_multiplier`` times it, and
+    NormSoftmax trains only its class weights in a first, frozen epoch (its paper's warm-up).
+    """
+    if method not in METHODS:
+        raise ValueError(f"method {method!r} is unknown; choose from {list(METHODS)}")
+    D, C, margin = config["embedding_size"], setting.train.num_classes, config["margin"]
+    recipe: dict[str, Any] = {"model": partial(_net, setting), "lr": setting.rate()}
+    if method == "softmax":
+        recipe |= {"model": partial(_net, setting, normalize=False),
+                   "loss": partial(SoftmaxLoss, D, C)}  # fmt: skip
+    elif method in ("batch_all", "semi_hard", "batch_hard"):
+        recipe["loss"] = partial(TripletLoss, margin, mining=method)
+    elif method == "proxy_nca":
+        recipe["loss"] = partial(ProxyNCALoss, C, D, scale=config["scale"])
+        recipe["lr"] = setting.rate((1.0, config["proxy_lr_multiplier"]))
+    elif method == "norm_softmax":
+        recipe |= {"model": partial(_net, setting, layer_norm=True), "frozen_epochs": 1,
+                   "loss": partial(NormSoftmaxLoss, C, D, config["temperature"])}  # fmt: skip
+    elif method == "ranking_head":
+        triplet = partial(TripletLoss, margin, "batch_hard", squared=True)
+        recipe |= {"model": partial(_two_head, setting, config),
+                   "loss": lambda: RankingRegularizedLoss(C, triplet())}  # fmt: skip
+    elif method == "multi_similarity":
+        recipe["loss"] = MultiSimilarityLoss
+    else:  # ee
+        if ee_base not in PAIR_BASED:
+            raise ValueError(f"EE's base must be one of {PAIR_BASED}, got {ee_base!r}")
+        base = method_recipe(ee_base, setting, config)["loss"]
+        recipe["loss"] = lambda: EmbeddingExpansion(base(), config["n_points"])
+    return recipe
+
+
+def train_method(
+    method: str,
+    setting: Setting,
+    config: Mapping[str, Any],
+    seed: int,
+    ee_base: str | None = None,
+    **learner_kwargs,
+) -> dict[str, Any]:
+    """Train ``method`` in ``setting`` on one seed and return its record (``make_record``)."""
+    recipe = method_recipe(method, setting, config, ee_base)
+    run = train_run(
+        recipe["model"],
+        recipe["loss"],
+        **setting.budget,
+        lr=recipe["lr"],
+        seed=seed,
+        batch_size=config["classes_per_batch"] * config["samples_per_class"],
+        classes_per_batch=config["classes_per_batch"],
+        samples_per_class=config["samples_per_class"],
+        frozen_epochs=recipe.get("frozen_epochs", 0),
+        ks=KS,
+        nmi=True,
+        **learner_kwargs,
+    )
+    return make_record(method, setting, config, seed, run, ee_base=ee_base)
+
+
+def make_record(
+    method: str,
+    setting: Setting,
+    config: Mapping[str, Any],
+    seed: int,
+    run: Run,
+    ee_base: str | None = None,
+    fingerprint: str | None = None,
+) -> dict[str, Any]:
+    """One training's stored result, with its checksum (``checksum``).
+
+    metrics: the test metrics (Recall@1/2/4/8, MAP@R, R-Precision, NMI, F1) and the mean
+    test distance. NormSoftmax also gets ``binary_metrics``: the same metrics of the sign
+    of its embedding, searched by Hamming distance (notebook 04's codes).
+    """
+    embeddings = run.embeddings
+    metrics = dict(run.metrics) | {"mean_test_distance": mean_distance(embeddings)}
+    dim = embeddings.shape[1]
+    record: dict[str, Any] = {
+        "schema": SCHEMA,
+        "method": method,
+        "ee_base": ee_base,
+        "setting": setting.name,
+        "seed": seed,
+        "preset": config.get("preset"),
+        "protocol": protocol(config),
+        "data": {
+            "images": len(setting.data),
+            "fingerprint": fingerprint or data_fingerprint(setting),
+        },
+        "metrics": rounded(metrics, 5),
+        "bytes_per_image": 4 * dim,
+        "best_epoch": run.best_epoch,
+        "best_val_recall@1": run.best_score,
+        "seconds": round(run.seconds, 2),
+        "seconds_per_epoch": round(run.seconds / setting.epochs, 2),
+        "history": rounded(run.history, 5),
+        "environment": environment(),
+        "made": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
+    if method == "norm_softmax":
+        codes = binarize(embeddings)
+        labels = setting.test.labels
+        binary = retrieval_metrics(codes, labels, ks=KS, metric="hamming", nmi=True)
+        record["binary_metrics"] = rounded(binary, 5)
+        record["binary_bytes_per_image"] = codes.shape[1]
+    record["checksum"] = checksum(record)
+    return record
+
+
+def checksum(record: Mapping[str, Any]) -> str:
+    """sha256 of the record without its "checksum" field, in a canonical JSON form: any
+    change to a stored number changes it."""
+    body = {key: value for key, value in record.items() if key != "checksum"}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def git_commit(repository: Path = REPOSITORY) -> dict[str, Any]:
+    """The checkout's commit and whether it has uncommitted changes (None outside git)."""
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", "-C", str(repository), *args], capture_output=True,
+                                  text=True, timeout=30, check=True)  # fmt: skip
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip()
+
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": git("rev-parse", "HEAD"), "dirty": None if status is None else bool(status)}
+
+
+def environment() -> dict[str, Any]:
+    """Where a result was made: versions, commit, machine, device."""
+    import torchvision
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return {
+        "utils_cv": utils_cv.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        **git_commit(),
+        "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs",
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "threads": torch.get_num_threads(),
+    }
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
+
+
+def result_path(root: str | os.PathLike, preset: str, setting: str, method: str, seed: int) -> Path:
+    """Where one training's record lives: ``root/<preset>/<setting>/<method>/seed<k>.json``."""
+    return Path(root) / preset / _slug(setting) / method / f"seed{seed}.json"
+
+
+def save_record(root: str | os.PathLike, record: Mapping[str, Any]) -> Path:
+    """Write ``record`` to its ``result_path``, atomically (a crash leaves no half file)."""
+    if record.get("checksum") != checksum(record):
+        raise StoredResultError("the record's checksum does not match its contents")
+    path = result_path(root, record["preset"], record["setting"], record["method"], record["seed"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial_file = path.with_suffix(".json.partial")
+    partial_file.write_text(json.dumps(record, indent=1, sort_keys=True, allow_nan=False) + "\n")
+    partial_file.replace(path)
+    return path
+
+
+def read_record(path: str | os.PathLike) -> dict[str, Any]:
+    """One stored record, its checksum verified."""
+    path = Path(path)
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise StoredResultError(f"{path} cannot be read ({error}); delete it and re-make it "
+                                "with benchmarks/compare.py") from error  # fmt: skip
+    if not isinstance(record, dict) or record.get("checksum") != checksum(record):
+        raise StoredResultError(
+            f"{path} was changed after it was made: its checksum does not match its contents. "
+            "Stored results are never edited by hand; delete the file and re-make it with "
+            "`python benchmarks/compare.py` (it trains only what is missing)"
+        )
+    return record
+
+
+def load_results(
+    root: str | os.PathLike,
+    preset: str,
+    fingerprints: Mapping[str, str] | None = None,
+    config: Mapping[str, Any] | None = None,
+) -> list[dict[str, Any]]:
+    """Every stored record of ``preset`` under ``root``, each verified.
+
+    fingerprints: setting name -> ``data_fingerprint`` of the data loaded now; a record of
+        that setting made on other data is refused (StoredResultError).
+    config: the protocol now; a record made under another one is refused.
+    """
+    records = []
+    for path in sorted((Path(root) / preset).glob("*/*/seed*.json")):
+        record = read_record(path)
+        setting = record["setting"]
+        if fingerprints is not None and setting in fingerprints:
+            if record["data"]["fingerprint"] != fingerprints[setting]:
+                raise StoredResultError(
+                    f"{path} was made on other data than the data loaded now ({setting}): "
+                    "results on different data do not mix. Re-make them on this data with "
+                    "`python benchmarks/compare.py --results <a new folder>`, or load the "
+                    "data they were made on"
+                )
+        if config is not None and record["protocol"] != protocol(config):
+            changed = sorted(
+                k for k, v in protocol(config).items() if record["protocol"].get(k) != v
+            )
+            raise StoredResultError(
+                f"{path} was made under another protocol (it differs in {changed}); re-make "
+                "the stored results with `python benchmarks/compare.py` under this one"
+            )
+        records.append(record)
+    return records
+
+
+def pending(
+    root: str | os.PathLike, preset: str, jobs: Iterable[tuple[str, str, int]]
+) -> list[tuple[str, str, int]]:
+    """The (setting, method, seed) jobs without a readable stored record: what is left to
+    train. A record that fails its checksum counts as missing (it is re-made)."""
+    left = []
+    for setting, method, seed in jobs:
+        path = result_path(root, preset, setting, method, seed)
+        try:
+            read_record(path)
+        except StoredResultError:
+            left.append((setting, method, seed))
+    return left
+
+
+def result_rows(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """One row per record for ``seed_summary``/``seed_table`` (``by="method"``), and one more
+    per NormSoftmax record for its binary code ("norm_softmax (binary)"); "ee" is named by its
+    base ("multi_similarity + EE")."""
+    rows = []
+    for r in records:
+        name = r["method"] if r["method"] != "ee" else f"{r['ee_base']} + EE"
+        common = {"setting": r["setting"], "seed": r["seed"], "seconds/epoch": r["seconds_per_epoch"],
+                  "best epoch": r["best_epoch"], "best val recall@1": r["best_val_recall@1"]}  # fmt: skip
+        rows.append({"method": name, **common, **r["metrics"], "bytes/image": r["bytes_per_image"]})
+        if "binary_metrics" in r:
+            rows.append({"method": f"{name} (binary)", **common, **r["binary_metrics"],
+                         "mean_test_distance": None,
+                         "bytes/image": r["binary_bytes_per_image"]})  # fmt: skip
+    return rows
