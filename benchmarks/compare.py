@@ -84,12 +84,11 @@ def _train(args, config, setting, fingerprint, methods, ee_base=None) -> None:
     def train_one(method: str, seed: int) -> dict:
         record = compare.train_method(method, setting, config, seed, ee_base=ee_base)
         compare.save_record(args.results, record)  # here, so a worker's result is kept at once
+        print(f"  {method} seed {seed}: recall@1 {record['metrics']['recall@1']:.3f}, "
+              f"{record['seconds']:.0f} s", flush=True)  # fmt: skip
         return record
 
-    trained = train_runs(train_one, [(m, seed) for _, m, seed in left], config["workers"])
-    for record in trained:
-        print(f"  {record['method']} seed {record['seed']}: recall@1 "
-              f"{record['metrics']['recall@1']:.3f}, {record['seconds']:.0f} s")  # fmt: skip
+    train_runs(train_one, [(m, seed) for _, m, seed in left], config["workers"])
 
 
 def _valid(args, config, fingerprint, job, ee_base) -> bool:
@@ -105,6 +104,7 @@ def _valid(args, config, fingerprint, job, ee_base) -> bool:
         record["data"]["fingerprint"] == fingerprint
         and record["protocol"] == compare.protocol(config)
         and record["ee_base"] == ee_base
+        and record.get("batches") == compare.batches(method, config)
     )
 
 
