@@ -27,7 +27,6 @@ from pathlib import Path
 from utils_cv.common.device import describe_device
 from utils_cv.similarity import compare
 from utils_cv.similarity.presets import IMAGENET, SCRATCH, lesson_settings, preset_config
-from utils_cv.similarity.runner import train_runs
 
 SETTINGS = {"scratch": SCRATCH, "imagenet": IMAGENET}
 
@@ -60,66 +59,12 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {"seeds": args.seeds, "workers": args.workers}
     config = preset_config(args.preset, notebook="07_method_comparison", **overrides)
     print(describe_device(), f"| commit {commit['commit']} | results in {args.results}")
-    settings = lesson_settings(config, args.dataset, args.data_dir)
+    loaded = lesson_settings(config, args.dataset, args.data_dir)
+    settings = {SETTINGS[key]: loaded[SETTINGS[key]] for key in args.settings}
     start = time.perf_counter()
-    for key in args.settings:
-        setting = settings[SETTINGS[key]]
-        fingerprint = compare.data_fingerprint(setting)
-        bases = [m for m in args.methods if m != "ee"]
-        _train(args, config, setting, fingerprint, bases)
-        if "ee" in args.methods:
-            base = compare.best_base(_val_scores(args, config, setting))
-            print(f"{setting.name}: EE goes on {base} (best mean validation Recall@1)")
-            _train(args, config, setting, fingerprint, ["ee"], ee_base=base)
-    print(f"done in {time.perf_counter() - start:.0f} s")
+    trained = compare.train_missing(args.results, settings, config, args.methods)
+    print(f"{trained} trained in {time.perf_counter() - start:.0f} s")
     return 0
-
-
-def _train(args, config, setting, fingerprint, methods, ee_base=None) -> None:
-    """Train the jobs of ``methods`` in ``setting`` that have no valid record yet."""
-    jobs = [(setting.name, m, seed) for m in methods for seed in config["seeds"]]
-    left = [job for job in jobs if not _valid(args, config, fingerprint, job, ee_base)]
-    print(f"{setting.name}: {len(jobs) - len(left)} of {len(jobs)} stored, {len(left)} to train")
-
-    def train_one(method: str, seed: int) -> dict:
-        record = compare.train_method(method, setting, config, seed, ee_base=ee_base)
-        compare.save_record(args.results, record)  # here, so a worker's result is kept at once
-        print(f"  {method} seed {seed}: recall@1 {record['metrics']['recall@1']:.3f}, "
-              f"{record['seconds']:.0f} s", flush=True)  # fmt: skip
-        return record
-
-    train_runs(train_one, [(m, seed) for _, m, seed in left], config["workers"])
-
-
-def _valid(args, config, fingerprint, job, ee_base) -> bool:
-    """Whether the job's stored record exists, is intact, and was made on this data under
-    this protocol (and, for EE, on the chosen base)."""
-    setting, method, seed = job
-    path = compare.result_path(args.results, config["preset"], setting, method, seed)
-    try:
-        record = compare.read_record(path)
-    except compare.StoredResultError:
-        return False
-    return (
-        record["data"]["fingerprint"] == fingerprint
-        and record["protocol"] == compare.protocol(config)
-        and record["ee_base"] == ee_base
-        and record.get("batches") == compare.batches(method, config)
-    )
-
-
-def _val_scores(args, config, setting) -> dict[str, list[float]]:
-    """Each stored pair-based base's best validation Recall@1 per seed, in ``setting``."""
-    scores: dict[str, list[float]] = {}
-    fingerprint = compare.data_fingerprint(setting)
-    for method in compare.PAIR_BASED:
-        for seed in config["seeds"]:
-            job = (setting.name, method, seed)
-            if _valid(args, config, fingerprint, job, None):
-                path = compare.result_path(args.results, config["preset"], *job)
-                record = compare.read_record(path)
-                scores.setdefault(method, []).append(record["best_val_recall@1"])
-    return scores
 
 
 if __name__ == "__main__":

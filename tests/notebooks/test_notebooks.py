@@ -6,9 +6,14 @@ what a notebook claims about accuracy is checked by tests/gpu with the full pres
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import pytest
+from papermill.exceptions import PapermillExecutionError
 
 from tests.image_folders import snapshot, write_image_folder
+from utils_cv.similarity import compare
 from utils_cv.similarity.datasets.fashion_mnist import FASHION_MNIST_DEBIAN
 
 from .notebook_runner import NOTEBOOK_DIR, assert_sane, flatten, run_notebook
@@ -166,6 +171,23 @@ EXPECTED_KEYS = {
         "cost/batch_hard+EE/loss_saved_kib",
         "summary/multi_similarity+EE recall@1",
     ],
+    "07_method_comparison": [
+        "preset",
+        "dataset",
+        "results",
+        "provenance/records",
+        "provenance/commits",
+        "methods/from scratch/softmax/recall@1",
+        "methods/from scratch/batch_hard/map@r",
+        "methods/from scratch/norm_softmax (binary)/recall@1",
+        "methods/from ImageNet/ranking_head/nmi",
+        "methods/from ImageNet/multi_similarity/f1",
+        "methods/from ImageNet/proxy_nca/bytes/image",
+        "recheck/batch_hard, from scratch/inside",
+        "claims/2. Batch-hard beats batch-all and semi-hard/from scratch: verdict",
+        "claims/14. EE improves every base loss it is added to/from ImageNet: verdict",
+        "summary/from scratch batch_hard recall@1",
+    ],
 }
 
 
@@ -174,10 +196,22 @@ def test_every_notebook_has_a_smoke_test():
     assert names == set(EXPECTED_KEYS), f"untested: {names - set(EXPECTED_KEYS)}"
 
 
+@pytest.fixture(scope="module")
+def comparison_07(tmp_path_factory):
+    """Notebook 07's smoke run, which trains and stores its own results: the smoke test reads
+    its metrics and the edit test its results, so that the 18 trainings happen once."""
+    out = tmp_path_factory.mktemp("07")
+    metrics = run_notebook("07_method_comparison", out, PRESET="smoke")
+    return out / "results", metrics
+
+
 @pytest.mark.notebook
 @pytest.mark.parametrize("name", sorted(EXPECTED_KEYS))
-def test_notebook_smoke(name, tmp_path):
-    metrics = run_notebook(name, tmp_path, PRESET="smoke")
+def test_notebook_smoke(name, tmp_path, request):
+    if name == "07_method_comparison":
+        metrics = request.getfixturevalue("comparison_07")[1]
+    else:
+        metrics = run_notebook(name, tmp_path, PRESET="smoke")
     flat = flatten(metrics)
     missing = [key for key in EXPECTED_KEYS[name] if key not in flat]
     assert not missing, f"{name} did not record {missing}; it recorded {sorted(flat)}"
@@ -221,6 +255,9 @@ def test_notebook_smoke_on_your_own_images(name, domains, tmp_path):
         assert "sizes/64/binary recall@1" in flat
     elif name == "05_ranking_regularizer":  # retrieval on the folder (closed set: Fashion-MNIST)
         assert "retrieval/two heads: ranking embedding/recall@1" in flat
+    elif name == "07_method_comparison":  # its own results, beside its outputs
+        assert metrics["results"] == str(tmp_path / "outputs" / "results")
+        assert "methods/from ImageNet/batch_hard/recall@1" in flat
     else:  # 01 to 03 compare methods, batch-hard among them
         assert "methods/batch_hard/recall@1" in flat
 
@@ -240,3 +277,22 @@ def test_notebook_smoke_on_fashion_mnist(name, tmp_path):
     metrics = run_notebook(name, tmp_path, PRESET="smoke", DATASET="fashion_mnist")
     assert metrics["dataset"] == "fashion_mnist"
     assert_sane(metrics)
+
+
+@pytest.mark.notebook
+def test_notebook_07_refuses_a_stored_result_edited_by_hand(comparison_07, tmp_path):
+    """A hand edit breaks the record's checksum; an edit whose checksum was made again
+    (or code that changed what it computes) falls outside the stored spread at the re-check."""
+    results = shutil.copytree(comparison_07[0], tmp_path / "results")
+    path = results / "smoke" / "from_scratch" / "batch_hard" / "seed0.json"
+    record = json.loads(path.read_text())
+    record["metrics"]["recall@1"] = round(record["metrics"]["recall@1"] + 0.2, 5)
+    path.write_text(json.dumps(record))
+    name = "07_method_comparison"
+    reread = {"PRESET": "smoke", "RESULTS_DIR": str(results), "TRAIN_MISSING": False}
+    with pytest.raises(PapermillExecutionError, match="changed after it was made"):
+        run_notebook(name, tmp_path / "edited", **reread)
+    record["checksum"] = compare.checksum(record)
+    path.write_text(json.dumps(record))
+    with pytest.raises(PapermillExecutionError, match="outside the stored spread"):
+        run_notebook(name, tmp_path / "resealed", **reread)

@@ -126,19 +126,29 @@ def test_the_fingerprint_follows_the_data(settings):
     assert len(compare.data_fingerprint(imagenet)) == 64
 
 
-def test_stored_records_round_trip_and_refuse_hand_edits(record, tmp_path, config):
+def test_stored_records_round_trip_and_refuse_hand_edits(record, tmp_path, config, settings):
     path = compare.save_record(tmp_path, record)
     assert path == compare.result_path(tmp_path, "smoke", SCRATCH, "norm_softmax", 0)
     assert compare.read_record(path) == record
     assert compare.load_results(tmp_path, "smoke", config=config) == [record]
+    fingerprint = record["data"]["fingerprint"]
+    at = settings[SCRATCH]
+    assert compare.stored_record(tmp_path, config, at, "norm_softmax", 0, fingerprint) == record
+    assert compare.stored_record(tmp_path, config, at, "norm_softmax", 0, "0" * 64) is None
+    assert (
+        compare.stored_record(tmp_path, config | {"lr": 1.0}, at, "norm_softmax", 0, fingerprint)
+        is None
+    )
     edited = json.loads(path.read_text())
     edited["metrics"]["recall@1"] = round(edited["metrics"]["recall@1"] + 0.1, 5)
     path.write_text(json.dumps(edited))
     with pytest.raises(compare.StoredResultError, match="edited by hand|changed after"):
         compare.read_record(path)
-    assert compare.pending(tmp_path, "smoke", [(SCRATCH, "norm_softmax", 0)]) == [
-        (SCRATCH, "norm_softmax", 0)
-    ]
+    fingerprint = record["data"]["fingerprint"]
+    assert (
+        compare.stored_record(tmp_path, config, settings[SCRATCH], "norm_softmax", 0, fingerprint)
+        is None
+    )
     path.write_text("{not json")
     with pytest.raises(compare.StoredResultError, match="cannot be read"):
         compare.load_results(tmp_path, "smoke")

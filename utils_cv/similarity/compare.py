@@ -388,27 +388,13 @@ def load_results(
     return records
 
 
-def pending(
-    root: str | os.PathLike, preset: str, jobs: Iterable[tuple[str, str, int]]
-) -> list[tuple[str, str, int]]:
-    """The (setting, method, seed) jobs without a readable stored record: what is left to
-    train. A record that fails its checksum counts as missing (it is re-made)."""
-    left = []
-    for setting, method, seed in jobs:
-        path = result_path(root, preset, setting, method, seed)
-        try:
-            read_record(path)
-        except StoredResultError:
-            left.append((setting, method, seed))
-    return left
-
-
 def result_rows(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """One row per record for ``seed_summary``/``seed_table`` (``by="method"``), and one more
-    per NormSoftmax record for its binary code ("norm_softmax (binary)"); "ee" is named by its
-    base ("multi_similarity + EE")."""
+    """One row per record for ``seed_summary``/``seed_table`` (``by="method"``), in the order
+    of ``METHODS``, and one more per NormSoftmax record for its binary code ("norm_softmax
+    (binary)"); "ee" is named by its base ("multi_similarity + EE")."""
     rows = []
-    for r in records:
+    order = list(METHODS)
+    for r in sorted(records, key=lambda r: (order.index(r["method"]), r["seed"])):
         name = r["method"] if r["method"] != "ee" else f"{r['ee_base']} + EE"
         common = {"setting": r["setting"], "seed": r["seed"], "seconds/epoch": r["seconds_per_epoch"],
                   "best epoch": r["best_epoch"], "best val recall@1": r["best_val_recall@1"]}  # fmt: skip
@@ -418,3 +404,117 @@ def result_rows(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
                          "mean_test_distance": None,
                          "bytes/image": r["binary_bytes_per_image"]})  # fmt: skip
     return rows
+
+
+def default_results_dir(
+    preset: str, dataset: str | os.PathLike, output_dir: str | os.PathLike
+) -> Path:
+    """Where notebook 07 reads (and, when it trains, writes) results: the repository's stored
+    ones for the built-in emoji data when they exist for ``preset``, else a folder of the
+    notebook's own outputs (never the repository, never the user's data)."""
+    if str(dataset) == "emoji" and (RESULTS_DIR / preset).is_dir():
+        return RESULTS_DIR
+    return Path(output_dir) / "results"
+
+
+def provenance(records: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """When, where and from which commits the records were made."""
+    records = list(records)
+    if not records:
+        raise ValueError("no records")
+    made = sorted(r["made"] for r in records)
+    environments = [r["environment"] for r in records]
+    return {
+        "records": len(records),
+        "made": f"{made[0]} to {made[-1]}",
+        "commits": sorted({str(e["commit"])[:12] for e in environments}),
+        "uncommitted changes": any(e["dirty"] for e in environments),
+        "machines": sorted({f"{e['machine']}, {e['device']}" for e in environments}),
+        "torch": sorted({e["torch"] for e in environments}),
+    }
+
+
+# A re-trained run passes the re-check when its Recall@1 lies within this many standard
+# deviations of the stored seeds' mean, or within RECHECK_FLOOR when the seeds agree closely
+# (CPU runs of one seed differed by up to 0.017 across sessions of this machine).
+RECHECK_STDS, RECHECK_FLOOR = 3.0, 0.02
+
+
+def recheck_band(values: Sequence[float]) -> tuple[float, float]:
+    """The (low, high) Recall@1 band a re-trained run must fall in, from the stored seeds."""
+    mean = sum(values) / len(values)
+    std = float(torch.tensor(values, dtype=torch.float64).std()) if len(values) > 1 else 0.0
+    half = max(RECHECK_STDS * std, RECHECK_FLOOR)
+    return mean - half, mean + half
+
+
+def stored_record(
+    root: str | os.PathLike,
+    config: Mapping[str, Any],
+    setting: Setting,
+    method: str,
+    seed: int,
+    fingerprint: str,
+    ee_base: str | None = None,
+) -> dict[str, Any] | None:
+    """The stored record of one training if it is intact and was made on this data, under
+    this protocol, on this method's batches (and, for EE, on ``ee_base``); else None."""
+    path = result_path(root, config["preset"], setting.name, method, seed)
+    try:
+        record = read_record(path)
+    except StoredResultError:
+        return None
+    valid = (
+        record["data"]["fingerprint"] == fingerprint
+        and record["protocol"] == protocol(config)
+        and record.get("batches") == batches(method, config)
+        and (method != "ee" or ee_base is None or record["ee_base"] == ee_base)
+    )
+    return record if valid else None
+
+
+def train_missing(
+    root: str | os.PathLike,
+    settings: Mapping[str, Setting],
+    config: Mapping[str, Any],
+    methods: Sequence[str] = tuple(METHODS),
+    log=print,
+) -> int:
+    """Train and store every (setting, method, seed in ``config["seeds"]``) without a valid
+    stored record; returns how many trained.
+
+    Each training is stored as soon as it ends (in the worker that trained it, with
+    ``config["workers"]`` > 1), so an interruption loses only the trainings under way. EE
+    trains last in each setting, on the pair-based base with the best mean validation
+    Recall@1 there (``best_base``); an EE record made on another base is made again.
+    """
+    from utils_cv.similarity.runner import train_runs  # the runner imports fastai: only here
+
+    trained = 0
+    bases = [m for m in methods if m != "ee"]
+    for setting in settings.values():
+        fingerprint = data_fingerprint(setting)
+        phases = [(bases, None)] + ([(["ee"], "best")] if "ee" in methods else [])
+        for names, ee_base in phases:
+            if ee_base == "best":  # EE's base: chosen on the stored bases' validation scores
+                scores = {}
+                for m in PAIR_BASED:
+                    found = [stored_record(root, config, setting, m, s, fingerprint)
+                             for s in config["seeds"]]  # fmt: skip
+                    scores[m] = [r["best_val_recall@1"] for r in found if r is not None]
+                ee_base = best_base(scores)
+                log(f"{setting.name}: EE goes on {ee_base} (best mean validation Recall@1)")
+            jobs = [(m, s) for m in names for s in config["seeds"]
+                    if stored_record(root, config, setting, m, s, fingerprint, ee_base) is None]  # fmt: skip
+            log(f"{setting.name}: {len(names) * len(config['seeds']) - len(jobs)} of "
+                f"{len(names) * len(config['seeds'])} stored, {len(jobs)} to train")  # fmt: skip
+
+            def train_one(method, seed, setting=setting, ee_base=ee_base):
+                record = train_method(method, setting, config, seed, ee_base=ee_base)
+                save_record(root, record)
+                log(f"  {setting.name}, {method}, seed {seed}: Recall@1 "
+                    f"{record['metrics']['recall@1']:.3f}, {record['seconds']:.0f} s")  # fmt: skip
+
+            train_runs(train_one, jobs, config["workers"])
+            trained += len(jobs)
+    return trained

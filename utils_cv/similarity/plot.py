@@ -348,6 +348,39 @@ def plot_recall_curves(
     return fig
 
 
+def plot_seed_bars(
+    values: Mapping[str, Mapping[str, Sequence[float]]],
+    metric: str = "Recall@1",
+    ax: Axes | None = None,
+) -> Figure:
+    """One bar per method and group (a setting), the mean over seeds, with each seed as a dot
+    and the standard deviation as an error bar.
+
+    values: group -> method -> the metric of each seed; methods in the order of the first
+        group that has them; a method missing from a group leaves its bar out.
+    """
+    if not values or not any(values.values()):
+        raise ValueError("values is empty; pass {setting: {method: [value of each seed]}}")
+    methods = list(dict.fromkeys(m for group in values.values() for m in group))
+    fig, ax = _figure_and_axes(ax, figsize=(max(6.0, 0.75 * len(methods) + 2), 3.5))
+    width = 0.8 / len(values)
+    x = np.arange(len(methods))
+    for g, (group, by_method) in enumerate(values.items()):
+        offset = x - 0.4 + width * (g + 0.5)
+        shown = [(i, by_method[m]) for i, m in enumerate(methods) if m in by_method]
+        means = [float(np.mean(v)) for _, v in shown]
+        errors = [float(np.std(v, ddof=1)) if len(v) > 1 else 0.0 for _, v in shown]
+        where = [offset[i] for i, _ in shown]
+        ax.bar(where, means, width, yerr=errors, capsize=3, label=group, alpha=0.8)
+        for w, (_, v) in zip(where, shown, strict=True):
+            ax.plot([w] * len(v), v, "k.", markersize=3)
+    ax.set_xticks(x, methods, rotation=35, ha="right")
+    ax.set_ylabel(f"{metric} (mean over seeds)")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=TITLE_SIZE)
+    return fig
+
+
 def plot_embedding_map(
     embeddings: Array,
     labels: Array,
