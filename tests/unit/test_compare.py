@@ -178,9 +178,10 @@ def test_the_script_trains_what_is_missing_and_nothing_twice(folder, tmp_path, m
     trained = []
     real = compare.train_method
 
-    def counting(method, setting, config, seed, ee_base=None):
+    def counting(method, setting, config, seed, ee_base=None, fingerprint=None):
         trained.append((setting.name, method, seed, ee_base))
-        return real(method, setting, config, seed, ee_base=ee_base)
+        assert fingerprint == compare.data_fingerprint(setting)  # computed once per setting
+        return real(method, setting, config, seed, ee_base, fingerprint)
 
     monkeypatch.setattr(compare, "train_method", counting)
     monkeypatch.setattr(compare, "git_commit", lambda: {"commit": "abc", "dirty": False})

@@ -50,7 +50,7 @@ def record_metrics(
     output_dir.mkdir(parents=True, exist_ok=True)
     file = output_dir / METRICS_FILE
     merged = _merge(_read(file) if file.exists() else {}, new)
-    _write_atomic(file, merged)
+    write_atomic(file, merged)
     return file
 
 
@@ -128,7 +128,9 @@ def _merge(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def _write_atomic(file: Path, data: dict[str, Any]) -> None:
+def write_atomic(file: Path, data: Mapping[str, Any]) -> None:
+    """Write ``data`` as JSON to ``file``: readers see the old file or the new one, never a
+    half-written one."""
     # A temporary file in the same folder, then os.replace: readers see the old file or the
     # new one, never a half-written one, even if the process dies mid-write.
     handle, tmp_name = tempfile.mkstemp(dir=file.parent, prefix=f".{file.name}.", suffix=".tmp")

@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 import utils_cv
-from utils_cv.common.results import rounded
+from utils_cv.common.results import rounded, write_atomic
 from utils_cv.similarity.binary import binarize
 from utils_cv.similarity.losses import (
     EmbeddingExpansion,
@@ -195,9 +195,11 @@ def train_method(
     config: Mapping[str, Any],
     seed: int,
     ee_base: str | None = None,
+    fingerprint: str | None = None,
     **learner_kwargs,
 ) -> dict[str, Any]:
-    """Train ``method`` in ``setting`` on one seed and return its record (``make_record``)."""
+    """Train ``method`` in ``setting`` on one seed and return its record (``make_record``;
+    ``fingerprint``: the setting's ``data_fingerprint`` when the caller has it already)."""
     recipe = method_recipe(method, setting, config, ee_base)
     balanced = method in BALANCED
     run = train_run(
@@ -214,7 +216,7 @@ def train_method(
         nmi=True,
         **learner_kwargs,
     )
-    return make_record(method, setting, config, seed, run, ee_base=ee_base)
+    return make_record(method, setting, config, seed, run, ee_base, fingerprint)
 
 
 def make_record(
@@ -323,9 +325,7 @@ def save_record(root: str | os.PathLike, record: Mapping[str, Any]) -> Path:
         raise StoredResultError("the record's checksum does not match its contents")
     path = result_path(root, record["preset"], record["setting"], record["method"], record["seed"])
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial_file = path.with_suffix(".json.partial")
-    partial_file.write_text(json.dumps(record, indent=1, sort_keys=True, allow_nan=False) + "\n")
-    partial_file.replace(path)
+    write_atomic(path, record)
     return path
 
 
@@ -509,8 +509,8 @@ def train_missing(
             log(f"{setting.name}: {len(names) * len(config['seeds']) - len(jobs)} of "
                 f"{len(names) * len(config['seeds'])} stored, {len(jobs)} to train")  # fmt: skip
 
-            def train_one(method, seed, setting=setting, ee_base=ee_base):
-                record = train_method(method, setting, config, seed, ee_base=ee_base)
+            def train_one(method, seed, setting=setting, ee_base=ee_base, fingerprint=fingerprint):
+                record = train_method(method, setting, config, seed, ee_base, fingerprint)
                 save_record(root, record)
                 log(f"  {setting.name}, {method}, seed {seed}: Recall@1 "
                     f"{record['metrics']['recall@1']:.3f}, {record['seconds']:.0f} s")  # fmt: skip
