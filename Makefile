@@ -91,7 +91,8 @@ test-gpu: data
 	$(BIN)/python -m pytest -m gpu tests/gpu
 
 # Notebook 07's stored results (results/compare/): every method x setting x seed that is not
-# stored yet (about two hours on 2 idle cores from nothing; PRESET=gpu on a GPU).
+# stored yet, and the ablations (close to three hours on 2 idle cores from nothing; PRESET=gpu
+# on a GPU).
 compare: data
 	$(BIN)/python benchmarks/compare.py --preset $(PRESET)
 

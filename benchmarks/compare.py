@@ -6,7 +6,9 @@ once. Each training writes ``<results>/<preset>/<setting>/<method>/seed<k>.json`
 it ends, so an interrupted run loses at most the trainings under way: run the same command
 again and it trains only what is missing (a record edited by hand, made on other data or
 under another protocol counts as missing and is re-made). EE goes on the pair-based base with
-the best mean validation Recall@1 of that setting, so it trains after the bases.
+the best mean validation Recall@1 of that setting, so it trains after the bases. The
+ablations (one setting of a method changed, for the claims about that setting,
+``compare.ABLATIONS``) train and are stored the same way.
 
     python benchmarks/compare.py                      # the CPU preset's stored results (no GPU)
     python benchmarks/compare.py --settings scratch --seeds 0 --methods softmax batch_hard
@@ -36,8 +38,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--preset", default="auto", choices=["auto", "smoke", "cpu", "gpu"],
                         help="auto: gpu where CUDA is available, else cpu")  # fmt: skip
     parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
-    parser.add_argument("--methods", nargs="+", choices=list(compare.METHODS),
-                        default=list(compare.METHODS))  # fmt: skip
+    parser.add_argument("--methods", nargs="+", choices=[*compare.METHODS, *compare.ABLATIONS],
+                        help="methods and ablations; default: every method and the preset's "
+                        "ablations")  # fmt: skip
     parser.add_argument("--seeds", nargs="+", type=int, help="default: the preset's")
     parser.add_argument("--dataset", default="emoji")
     parser.add_argument("--data-dir", type=Path)

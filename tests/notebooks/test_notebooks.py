@@ -199,7 +199,8 @@ def test_every_notebook_has_a_smoke_test():
 @pytest.fixture(scope="module")
 def comparison_07(tmp_path_factory):
     """Notebook 07's smoke run, which trains and stores its own results: the smoke test reads
-    its metrics and the edit test its results, so that the 18 trainings happen once."""
+    its metrics and the edit test its results, so that its 26 trainings (9 methods and 4
+    ablations in each setting) happen once."""
     out = tmp_path_factory.mktemp("07")
     metrics = run_notebook("07_method_comparison", out, PRESET="smoke")
     return out / "results", metrics

@@ -7,6 +7,7 @@ made on other data, results made under another protocol.
 from __future__ import annotations
 
 import json
+import math
 import sys
 import warnings
 from pathlib import Path
@@ -87,6 +88,64 @@ def test_ee_wraps_the_named_base_and_refuses_a_base_that_is_not_pair_based(setti
         compare.method_recipe("ee", at, config, ee_base="softmax")
     with pytest.raises(ValueError, match="unknown"):
         compare.method_recipe("arcface", at, config)
+
+
+def test_each_ablation_changes_one_setting_of_its_method_and_keeps_the_batch_size(settings, config):
+    at = settings[SCRATCH]
+
+    def built(name):
+        recipe = compare.method_recipe(name, at, config, ee_base="batch_hard")
+        return recipe, recipe["model"](), recipe["loss"]()
+
+    C, D = at.train.num_classes, config["embedding_size"]
+    assert built("proxy_nca")[2].num_proxies == C
+    assert built("proxy_nca-half_proxies")[2].num_proxies == math.ceil(C / 2)
+    assert built("proxy_nca-proxy_lr_100")[0]["lr"] == at.rate((1.0, 100.0))
+    assert built("norm_softmax")[1].layer_norm is not None
+    assert built("norm_softmax-no_layer_norm")[1].layer_norm is None
+    assert built("norm_softmax-t1")[2].temperature == 1.0 != config["temperature"]
+    recipe, model, loss = built("norm_softmax-4x_dims")
+    images = at.train.images[:4].float() / 255
+    assert model(images).shape == (4, 4 * D) and loss.embedding_size == 4 * D
+    assert built("ee-no_projection")[2].normalize is False and built("ee")[2].normalize
+    assert built("ee-8_points")[2].n_points == 8 != config["n_points"]
+    batch = config["classes_per_batch"] * config["samples_per_class"]
+    assert compare.batches("norm_softmax", config) == f"random {batch}"
+    for S in (2, 4, 8):  # the same batch size, in batch // S classes of S images
+        assert compare.batches(f"norm_softmax-s{S}", config) == f"{batch // S} classes x {S} images"
+    with pytest.raises(ValueError, match="does not divide"):
+        compare.batches(
+            "norm_softmax-s8", config | {"classes_per_batch": 4, "samples_per_class": 3}
+        )
+    with pytest.raises(ValueError, match="ablations"):
+        compare.family("norm_softmax-s3")
+    # everything else of the method stays: its warm-up, its rates, its model's LayerNorm
+    for name, (method, change) in compare.ABLATIONS.items():
+        recipe, model, _ = built(name)
+        base, base_model, _ = built(method)
+        assert recipe.get("frozen_epochs") == base.get("frozen_epochs"), name
+        assert recipe["lr"] == base["lr"] or "proxy_lr_multiplier" in change, name
+        if method == "norm_softmax" and "layer_norm" not in change:
+            assert model.layer_norm is not None, name
+    assert set(config["ablations"]) < set(compare.ABLATIONS)  # the smoke preset's few
+
+
+def test_an_ablation_trains_on_its_own_batches_at_the_protocol_s_batch_size(
+    settings, config, monkeypatch
+):
+    seen = {}
+
+    def fake_run(model, loss, **kwargs):
+        seen.update(kwargs)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(compare, "train_run", fake_run)
+    batch = config["classes_per_batch"] * config["samples_per_class"]
+    for name, P, K in (("norm_softmax-s2", batch // 2, 2), ("norm_softmax", None, None)):
+        with pytest.raises(RuntimeError, match="stop here"):
+            compare.train_method(name, settings[SCRATCH], config, seed=0)
+        assert (seen["batch_size"], seen["classes_per_batch"], seen["samples_per_class"]) == (
+            batch, P, K)  # fmt: skip
 
 
 def test_best_base_uses_the_mean_validation_score_of_pair_based_losses_only():
@@ -186,22 +245,32 @@ def test_the_script_trains_what_is_missing_and_nothing_twice(folder, tmp_path, m
     monkeypatch.setattr(compare, "train_method", counting)
     monkeypatch.setattr(compare, "git_commit", lambda: {"commit": "abc", "dirty": False})
     args = ["--preset", "smoke", "--dataset", str(folder), "--results", str(tmp_path),
-            "--settings", "scratch", "--methods", "batch_hard", "multi_similarity", "ee",
-            "--seeds", "0"]  # fmt: skip
+            "--settings", "scratch", "--methods", "batch_hard", "ee-8_points", "multi_similarity",
+            "ee", "norm_softmax-s2", "--seeds", "0"]  # fmt: skip
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert script.main(args) == 0
         first = list(trained)
-        assert [t[1] for t in first] == ["batch_hard", "multi_similarity", "ee"]
-        assert first[2][3] in ("batch_hard", "multi_similarity")
+        # EE and its ablations train after every base, on the same chosen base
+        assert [t[1] for t in first] == [
+            "batch_hard", "multi_similarity", "norm_softmax-s2", "ee-8_points", "ee"]  # fmt: skip
+        assert first[3][3] == first[4][3] in ("batch_hard", "multi_similarity")
         stored = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.json"))
-        assert stored == [f"smoke/from_scratch/{m}/seed0.json"
-                          for m in ("batch_hard", "ee", "multi_similarity")]  # fmt: skip
+        assert stored == sorted(f"smoke/from_scratch/{m}/seed0.json" for m in (
+            "batch_hard", "ee", "ee-8_points", "multi_similarity", "norm_softmax-s2"))  # fmt: skip
+        ablation = compare.read_record(tmp_path / stored[-1])
+        assert ablation["ablation"] == {"samples_per_class": 2}
+        assert ablation["batches"].endswith("x 2 images") and "binary_metrics" in ablation
         assert script.main(args) == 0  # resumed: everything is stored
         assert trained == first
         (tmp_path / stored[0]).write_text("{}")  # a broken record is made again
         assert script.main(args) == 0
     assert trained[len(first) :] == [(SCRATCH, "batch_hard", 0, None)]
+    # an ablation whose change is not the one stored is refused
+    changed = ("norm_softmax", {"samples_per_class": 4})
+    monkeypatch.setitem(compare.ABLATIONS, "norm_softmax-s2", changed)
+    with pytest.raises(compare.StoredResultError, match="ablation"):
+        compare.load_results(tmp_path, "smoke")
 
 
 def test_the_script_refuses_a_dirty_checkout(monkeypatch, tmp_path, capsys):

@@ -74,6 +74,25 @@ METHODS: dict[str, str] = {
     "multi_similarity": "multi-similarity loss with its pair mining",
     "ee": "Embedding Expansion on the pair-based loss best on the validation classes",
 }
+# One method with one of its settings changed, for the claims about that setting (METHODS.md's
+# claims 5, 6, 8-11 and 16): name -> (the method, what changes). An ablation trains under the
+# same protocol as the methods and is stored beside them (its name is its folder).
+# samples_per_class S puts a classifier on P x K batches of batch // S classes (random
+# batches of 64 from 763 classes hold about one image per class: S ~ 1; S = 8 is about all
+# of a class's images here); embedding_factor multiplies the protocol's embedding size
+# (128 -> 512 on the CPU preset, 512 -> 2048, the paper's largest, on the GPU preset).
+ABLATIONS: dict[str, tuple[str, dict[str, Any]]] = {
+    "proxy_nca-half_proxies": ("proxy_nca", {"proxies_per_class": 0.5}),
+    "proxy_nca-proxy_lr_100": ("proxy_nca", {"proxy_lr_multiplier": 100.0}),
+    "norm_softmax-no_layer_norm": ("norm_softmax", {"layer_norm": False}),
+    "norm_softmax-s2": ("norm_softmax", {"samples_per_class": 2}),
+    "norm_softmax-s4": ("norm_softmax", {"samples_per_class": 4}),
+    "norm_softmax-s8": ("norm_softmax", {"samples_per_class": 8}),
+    "norm_softmax-t1": ("norm_softmax", {"temperature": 1.0}),
+    "norm_softmax-4x_dims": ("norm_softmax", {"embedding_factor": 4}),
+    "ee-no_projection": ("ee", {"project_synthetic": False}),
+    "ee-8_points": ("ee", {"n_points": 8}),
+}
 # The bases EE may be put on (pair-based losses); ``best_base`` picks one per setting.
 PAIR_BASED = ("batch_all", "semi_hard", "batch_hard", "multi_similarity")
 # The methods trained on P x K batches (they need positives in every batch); the others
@@ -93,6 +112,51 @@ COLLAPSED = 0.05
 
 class StoredResultError(RuntimeError):
     """A stored result cannot be used: edited, made on other data or under another protocol."""
+
+
+def family(method: str) -> str:
+    """The method an ablation changes (``ABLATIONS``), or ``method`` itself."""
+    if method in METHODS:
+        return method
+    if method in ABLATIONS:
+        return ABLATIONS[method][0]
+    raise ValueError(
+        f"method {method!r} is unknown; choose from {list(METHODS)} or the ablations "
+        f"{list(ABLATIONS)}"
+    )
+
+
+def ablation(method: str) -> dict[str, Any] | None:
+    """What an ablation changes (None for a method), as its records store it."""
+    return ABLATIONS[method][1] if family(method) and method in ABLATIONS else None
+
+
+def resolve(method: str, config: Mapping[str, Any]) -> tuple[str, dict[str, Any], bool]:
+    """(the method, the config it trains with, whether on P x K batches) for a method or an
+    ablation: the ablation's changes applied to the protocol's config, the batch size kept."""
+    base = family(method)
+    changes = ABLATIONS[method][1] if method in ABLATIONS else {}
+    effective = dict(config) | changes
+    balanced = base in BALANCED
+    if "samples_per_class" in changes:  # the same batch size, in batch // S classes
+        batch, S = (
+            config["classes_per_batch"] * config["samples_per_class"],
+            changes["samples_per_class"],
+        )
+        if batch % S:
+            raise ValueError(f"{method}: S = {S} images per class does not divide the batch "
+                             f"of {batch}; the ablation must keep the batch size")  # fmt: skip
+        effective["classes_per_batch"] = batch // S
+        balanced = True
+    if "embedding_factor" in changes:
+        effective["embedding_size"] = config["embedding_size"] * changes["embedding_factor"]
+    return base, effective, balanced
+
+
+def compared(config: Mapping[str, Any]) -> list[str]:
+    """Every method, then the ablations of ``config["ablations"]`` ("all": every one)."""
+    ablations = config.get("ablations", ())
+    return [*METHODS, *(ABLATIONS if ablations == "all" else ablations)]
 
 
 def protocol(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -154,20 +218,23 @@ def method_recipe(
     rate, and NormSoftmax trains only its class weights in a first, frozen epoch (its
     paper's warm-up).
     """
-    if method not in METHODS:
-        raise ValueError(f"method {method!r} is unknown; choose from {list(METHODS)}")
+    method, config, _ = resolve(method, config)  # an ablation: its method, changed
     D, C, margin = config["embedding_size"], setting.train.num_classes, config["margin"]
-    recipe: dict[str, Any] = {"model": partial(_net, setting), "lr": setting.rate()}
+    recipe: dict[str, Any] = {"model": partial(_net, setting, embedding_size=D),
+                              "lr": setting.rate()}  # fmt: skip
     if method == "softmax":
-        recipe |= {"model": partial(_net, setting, normalize=False),
+        recipe |= {"model": partial(_net, setting, normalize=False, embedding_size=D),
                    "loss": partial(SoftmaxLoss, D, C)}  # fmt: skip
     elif method in ("batch_all", "semi_hard", "batch_hard"):
         recipe["loss"] = partial(TripletLoss, margin, mining=method)
     elif method == "proxy_nca":
-        recipe["loss"] = partial(ProxyNCALoss, C, D, scale=config["scale"])
+        recipe["loss"] = partial(ProxyNCALoss, C, D, scale=config["scale"],
+                                 proxies_per_class=config.get("proxies_per_class", 1))  # fmt: skip
         recipe["lr"] = setting.rate((1.0, config["proxy_lr_multiplier"]))
     elif method == "norm_softmax":
-        recipe |= {"model": partial(_net, setting, layer_norm=True), "frozen_epochs": 1,
+        layer_norm = config.get("layer_norm", True)
+        recipe |= {"model": partial(_net, setting, layer_norm=layer_norm, embedding_size=D),
+                   "frozen_epochs": 1,
                    "loss": partial(NormSoftmaxLoss, C, D, config["temperature"])}  # fmt: skip
     elif method == "ranking_head":
         triplet = partial(TripletLoss, margin, "batch_hard", squared=True)
@@ -179,14 +246,16 @@ def method_recipe(
         if ee_base not in PAIR_BASED:
             raise ValueError(f"EE's base must be one of {PAIR_BASED}, got {ee_base!r}")
         base = method_recipe(ee_base, setting, config)["loss"]
-        recipe["loss"] = lambda: EmbeddingExpansion(base(), config["n_points"])
+        n, project = config["n_points"], config.get("project_synthetic", True)
+        recipe["loss"] = lambda: EmbeddingExpansion(base(), n, normalize=project)
     return recipe
 
 
 def batches(method: str, config: Mapping[str, Any]) -> str:
     """How ``method``'s batches are made, in words: "16 classes x 4 images" or "random 64"."""
+    _, config, balanced = resolve(method, config)
     P, K = config["classes_per_batch"], config["samples_per_class"]
-    return f"{P} classes x {K} images" if method in BALANCED else f"random {P * K}"
+    return f"{P} classes x {K} images" if balanced else f"random {P * K}"
 
 
 def train_method(
@@ -201,16 +270,17 @@ def train_method(
     """Train ``method`` in ``setting`` on one seed and return its record (``make_record``;
     ``fingerprint``: the setting's ``data_fingerprint`` when the caller has it already)."""
     recipe = method_recipe(method, setting, config, ee_base)
-    balanced = method in BALANCED
+    _, trained_with, balanced = resolve(method, config)
+    P, K = trained_with["classes_per_batch"], trained_with["samples_per_class"]
     run = train_run(
         recipe["model"],
         recipe["loss"],
         **setting.budget,
         lr=recipe["lr"],
         seed=seed,
-        batch_size=config["classes_per_batch"] * config["samples_per_class"],
-        classes_per_batch=config["classes_per_batch"] if balanced else None,
-        samples_per_class=config["samples_per_class"] if balanced else None,
+        batch_size=P * K,
+        classes_per_batch=P if balanced else None,
+        samples_per_class=K if balanced else None,
         frozen_epochs=recipe.get("frozen_epochs", 0),
         ks=KS,
         nmi=True,
@@ -240,6 +310,7 @@ def make_record(
     record: dict[str, Any] = {
         "schema": SCHEMA,
         "method": method,
+        "ablation": ablation(method),
         "ee_base": ee_base,
         "setting": setting.name,
         "seed": seed,
@@ -260,7 +331,7 @@ def make_record(
         "environment": environment(),
         "made": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
-    if method == "norm_softmax":
+    if family(method) == "norm_softmax":
         codes = binarize(embeddings)
         labels = setting.test.labels
         binary = retrieval_metrics(codes, labels, ks=KS, metric="hamming", nmi=True)
@@ -370,6 +441,16 @@ def load_results(
                     "`python benchmarks/compare.py --results <a new folder>`, or load the "
                     "data they were made on"
                 )
+        try:
+            changed = ablation(record["method"])
+        except ValueError as error:  # a folder of a method or ablation this code lacks
+            raise StoredResultError(f"{path}: {error}; move the folder away") from error
+        if record.get("ablation") != changed:
+            raise StoredResultError(
+                f"{path} was made with the ablation {record.get('ablation')}, but "
+                f"{record['method']} now changes {changed}; re-make it with "
+                "`python benchmarks/compare.py`"
+            )
         if config is not None and record.get("batches") != batches(record["method"], config):
             raise StoredResultError(
                 f"{path} was trained on other batches ({record.get('batches')}) than this "
@@ -390,12 +471,13 @@ def load_results(
 
 def result_rows(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """One row per record for ``seed_summary``/``seed_table`` (``by="method"``), in the order
-    of ``METHODS``, and one more per NormSoftmax record for its binary code ("norm_softmax
-    (binary)"); "ee" is named by its base ("multi_similarity + EE")."""
+    of ``METHODS`` then ``ABLATIONS``, and one more per NormSoftmax record for its binary code
+    ("norm_softmax (binary)"); EE is named by its base ("multi_similarity + EE")."""
     rows = []
-    order = list(METHODS)
+    order = [*METHODS, *ABLATIONS]
     for r in sorted(records, key=lambda r: (order.index(r["method"]), r["seed"])):
-        name = r["method"] if r["method"] != "ee" else f"{r['ee_base']} + EE"
+        method = r["method"]  # EE by its base: "multi_similarity + EE", "... + EE-8_points"
+        name = method if family(method) != "ee" else f"{r['ee_base']} + EE{method[2:]}"
         common = {"setting": r["setting"], "seed": r["seed"], "seconds/epoch": r["seconds_per_epoch"],
                   "best epoch": r["best_epoch"], "best val recall@1": r["best_val_recall@1"]}  # fmt: skip
         rows.append({"method": name, **common, **r["metrics"], "bytes/image": r["bytes_per_image"]})
@@ -467,8 +549,9 @@ def stored_record(
     valid = (
         record["data"]["fingerprint"] == fingerprint
         and record["protocol"] == protocol(config)
+        and record.get("ablation") == ablation(method)
         and record.get("batches") == batches(method, config)
-        and (method != "ee" or ee_base is None or record["ee_base"] == ee_base)
+        and (family(method) != "ee" or ee_base is None or record["ee_base"] == ee_base)
     )
     return record if valid else None
 
@@ -477,11 +560,14 @@ def train_missing(
     root: str | os.PathLike,
     settings: Mapping[str, Setting],
     config: Mapping[str, Any],
-    methods: Sequence[str] = tuple(METHODS),
+    methods: Sequence[str] | None = None,
     log=print,
 ) -> int:
     """Train and store every (setting, method, seed in ``config["seeds"]``) without a valid
     stored record; returns how many trained.
+
+    methods: names of ``METHODS`` and ``ABLATIONS``; None: every method and the preset's
+    ``config["ablations"]``.
 
     Each training is stored as soon as it ends (in the worker that trained it, with
     ``config["workers"]`` > 1), so an interruption loses only the trainings under way. EE
@@ -490,11 +576,13 @@ def train_missing(
     """
     from utils_cv.similarity.runner import train_runs  # the runner imports fastai: only here
 
+    methods = compared(config) if methods is None else methods
     trained = 0
-    bases = [m for m in methods if m != "ee"]
+    expanded = [m for m in methods if family(m) == "ee"]
+    bases = [m for m in methods if family(m) != "ee"]
     for setting in settings.values():
         fingerprint = data_fingerprint(setting)
-        phases = [(bases, None)] + ([(["ee"], "best")] if "ee" in methods else [])
+        phases = [(bases, None)] + ([(expanded, "best")] if expanded else [])
         for names, ee_base in phases:
             if ee_base == "best":  # EE's base: chosen on the stored bases' validation scores
                 scores = {}

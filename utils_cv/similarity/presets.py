@@ -351,11 +351,17 @@ SCRATCH, IMAGENET = "from scratch", "from ImageNet"
 # both settings, with each method's own main setting from its notebook (02's scale and proxy
 # rate, 03's temperature, 06's synthetic points). Seeds: the stored results' three; the
 # notebook's CPU preset re-trains only `recheck` (method, setting) pairs on the first seed.
+# ablations: the one-setting changes of a method that some claims need (compare.ABLATIONS):
+# "all", or the smoke preset's four, one per code path an ablation adds (fewer proxies than
+# classes, P x K batches for a classifier, a larger embedding with its code, EE unprojected).
 _COMPARISON = {
-    "smoke": {"seeds": [0], "recheck": [["batch_hard", SCRATCH]]},
-    "cpu": {"seeds": [0, 1, 2], "recheck": [["softmax", SCRATCH], ["batch_hard", SCRATCH]]},
-    "gpu": {"seeds": [0, 1, 2], "recheck": []},
-}
+    "smoke": {"seeds": [0], "recheck": [["batch_hard", SCRATCH]],
+              "ablations": ["proxy_nca-half_proxies", "norm_softmax-s2", "norm_softmax-4x_dims",
+                            "ee-no_projection"]},
+    "cpu": {"seeds": [0, 1, 2], "recheck": [["softmax", SCRATCH], ["batch_hard", SCRATCH]],
+            "ablations": "all"},
+    "gpu": {"seeds": [0, 1, 2], "recheck": [], "ablations": "all"},
+}  # fmt: skip
 NOTEBOOK_PRESETS["07_method_comparison"] = {
     name: _shared_with_01(name)
     | {"scale": MAIN_SCALE, "proxy_lr_multiplier": MAIN_PROXY_LR, "temperature": MAIN_TEMPERATURE}
