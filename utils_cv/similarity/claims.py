@@ -168,12 +168,9 @@ def _claim_moderate(setting_name, runs):
     extremes: random batches (S ~ 1) and S = 8, about all of a class's images here (the
     paper's worst, S = 75, filled most of a batch with one class)."""
     moderate = _best(runs, ("norm_softmax-s2", "norm_softmax-s4"))
-    texts, outcomes = [], []
-    for extreme in ("norm_softmax", "norm_softmax-s8"):
-        text, outcome = _beats(moderate, extreme)(runs)
-        texts.append(text)
-        outcomes.append(outcome)
-    return "; ".join(texts) + " (S = 8: about all of a class's images)", _combined(outcomes)
+    parts = [_beats(moderate, extreme)(runs) for extreme in ("norm_softmax", "norm_softmax-s8")]
+    text = "; ".join(t for t, _ in parts) + " (S = 8: about all of a class's images)"
+    return text, _combined([o for _, o in parts])
 
 
 def _claim_expansion_ablation(setting_name, runs):

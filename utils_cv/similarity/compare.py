@@ -128,21 +128,19 @@ def family(method: str) -> str:
 
 def ablation(method: str) -> dict[str, Any] | None:
     """What an ablation changes (None for a method), as its records store it."""
-    return ABLATIONS[method][1] if family(method) and method in ABLATIONS else None
+    family(method)  # an unknown name raises
+    return ABLATIONS[method][1] if method in ABLATIONS else None
 
 
 def resolve(method: str, config: Mapping[str, Any]) -> tuple[str, dict[str, Any], bool]:
     """(the method, the config it trains with, whether on P x K batches) for a method or an
     ablation: the ablation's changes applied to the protocol's config, the batch size kept."""
-    base = family(method)
-    changes = ABLATIONS[method][1] if method in ABLATIONS else {}
+    base, changes = family(method), ablation(method) or {}
     effective = dict(config) | changes
     balanced = base in BALANCED
     if "samples_per_class" in changes:  # the same batch size, in batch // S classes
-        batch, S = (
-            config["classes_per_batch"] * config["samples_per_class"],
-            changes["samples_per_class"],
-        )
+        S = changes["samples_per_class"]
+        batch = config["classes_per_batch"] * config["samples_per_class"]
         if batch % S:
             raise ValueError(f"{method}: S = {S} images per class does not divide the batch "
                              f"of {batch}; the ablation must keep the batch size")  # fmt: skip
@@ -220,10 +218,10 @@ def method_recipe(
     """
     method, config, _ = resolve(method, config)  # an ablation: its method, changed
     D, C, margin = config["embedding_size"], setting.train.num_classes, config["margin"]
-    recipe: dict[str, Any] = {"model": partial(_net, setting, embedding_size=D),
-                              "lr": setting.rate()}  # fmt: skip
+    net = partial(_net, setting, embedding_size=D)
+    recipe: dict[str, Any] = {"model": net, "lr": setting.rate()}
     if method == "softmax":
-        recipe |= {"model": partial(_net, setting, normalize=False, embedding_size=D),
+        recipe |= {"model": partial(net, normalize=False),
                    "loss": partial(SoftmaxLoss, D, C)}  # fmt: skip
     elif method in ("batch_all", "semi_hard", "batch_hard"):
         recipe["loss"] = partial(TripletLoss, margin, mining=method)
@@ -233,7 +231,7 @@ def method_recipe(
         recipe["lr"] = setting.rate((1.0, config["proxy_lr_multiplier"]))
     elif method == "norm_softmax":
         layer_norm = config.get("layer_norm", True)
-        recipe |= {"model": partial(_net, setting, layer_norm=layer_norm, embedding_size=D),
+        recipe |= {"model": partial(net, layer_norm=layer_norm),
                    "frozen_epochs": 1,
                    "loss": partial(NormSoftmaxLoss, C, D, config["temperature"])}  # fmt: skip
     elif method == "ranking_head":
