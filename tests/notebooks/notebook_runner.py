@@ -4,12 +4,25 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import papermill
 
+from utils_cv.similarity.runner import TRAINING_LOG
+
 ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOK_DIR = ROOT / "notebooks"
+
+
+# Beside the metrics: every training the run made (runner.TRAINING_LOG), one JSON line each.
+TRAININGS = "trainings.jsonl"
+
+
+def trainings(output_dir: Path) -> list[dict]:
+    """The trainings a ``run_notebook`` into ``output_dir`` made, in the order they ended."""
+    path = output_dir / TRAININGS
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
 def notebook_path(name: str) -> Path:
@@ -17,7 +30,8 @@ def notebook_path(name: str) -> Path:
 
 
 def run_notebook(name: str, output_dir: Path, **parameters) -> dict:
-    """Run ``notebooks/<name>.ipynb`` with ``parameters`` and return its metrics.json.
+    """Run ``notebooks/<name>.ipynb`` with ``parameters`` and return its metrics.json; its
+    trainings are logged to ``output_dir / TRAININGS`` (``trainings``).
 
     papermill silently ignores a parameter the notebook does not declare, which once let a
     test run a notebook with its default (slow) settings unnoticed; so refuse that here.
@@ -28,14 +42,24 @@ def run_notebook(name: str, output_dir: Path, **parameters) -> dict:
     declared = papermill.inspect_notebook(str(path))
     unknown = sorted(set(parameters) - set(declared))
     assert not unknown, f"{name} has no parameter(s) {unknown}; it declares {sorted(declared)}"
-    papermill.execute_notebook(
-        str(path),
-        str(output_dir / f"{name}.ipynb"),
-        parameters=parameters,
-        cwd=str(NOTEBOOK_DIR),
-        kernel_name="python3",
-        progress_bar=False,
-    )
+    log = output_dir / TRAININGS
+    log.unlink(missing_ok=True)
+    before = os.environ.get(TRAINING_LOG)
+    os.environ[TRAINING_LOG] = str(log)  # the kernel inherits it: one line per training
+    try:
+        papermill.execute_notebook(
+            str(path),
+            str(output_dir / f"{name}.ipynb"),
+            parameters=parameters,
+            cwd=str(NOTEBOOK_DIR),
+            kernel_name="python3",
+            progress_bar=False,
+        )
+    finally:
+        if before is None:
+            del os.environ[TRAINING_LOG]
+        else:
+            os.environ[TRAINING_LOG] = before
     metrics_file = output_dir / "metrics.json"
     assert metrics_file.exists(), f"{name} did not record {metrics_file}"
     return json.loads(metrics_file.read_text())

@@ -8,15 +8,19 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections import Counter
 
 import pytest
 from papermill.exceptions import PapermillExecutionError
 
 from tests.image_folders import snapshot, write_image_folder
-from utils_cv.similarity import compare
+from utils_cv.similarity import budget, claims, compare
+from utils_cv.similarity.datasets import load_dataset
 from utils_cv.similarity.datasets.fashion_mnist import FASHION_MNIST_DEBIAN
+from utils_cv.similarity.models import create_backbone
+from utils_cv.similarity.presets import IMAGENET, SCRATCH, preset_config
 
-from .notebook_runner import NOTEBOOK_DIR, assert_sane, flatten, run_notebook
+from .notebook_runner import NOTEBOOK_DIR, assert_sane, flatten, run_notebook, trainings
 
 # Keys each notebook must record in metrics.json (flattened with "/").
 EXPECTED_KEYS = {
@@ -191,6 +195,21 @@ EXPECTED_KEYS = {
 }
 
 
+def assert_trained_as_planned(name: str, log: list[dict], **overrides) -> None:
+    """The smoke run trained what ``budget.planned_trainings`` counts for the smoke preset:
+    as many trainings of each epoch count, from scratch and from ImageNet weights. The GPU
+    presets' budget rests on that count. ``overrides``: the run's preset settings."""
+    config = preset_config("smoke", name, **overrides)
+    limits = {key: config[key] for key in ("max_classes", "max_per_class")}
+    classes = load_dataset("emoji", config["image_size"], **limits).split("train").num_classes
+    planned = budget.planned_trainings(name, config, train_classes=classes)
+    pretrained = {budget.IMAGENET, budget.CLOSED_IMAGENET}
+    scratch_backbone = type(create_backbone(config["backbone"])[0]).__name__
+    expected = Counter((t.kind in pretrained, t.epochs) for t in planned)
+    made = Counter((entry["backbone"] != scratch_backbone, entry["epochs"]) for entry in log)
+    assert made == expected, f"{name}: (from ImageNet, epochs) trained {made}, planned {expected}"
+
+
 def test_every_notebook_has_a_smoke_test():
     names = {p.stem for p in NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb")}
     assert names == set(EXPECTED_KEYS), f"untested: {names - set(EXPECTED_KEYS)}"
@@ -218,12 +237,32 @@ def test_notebook_smoke(name, tmp_path, request):
     assert not missing, f"{name} did not record {missing}; it recorded {sorted(flat)}"
     assert flat["preset"] == "smoke"
     assert_sane(metrics)
+    out = request.getfixturevalue("comparison_07")[0].parent if name == "07_method_comparison" else tmp_path  # fmt: skip
+    assert_trained_as_planned(name, trainings(out))
     if name == "01_triplet_baseline":
         for method in metrics["methods"].values():
             # one Recall@1 per seed, and the recorded mean is their mean
             by_seed = method["recall@1_by_seed"]
             assert len(by_seed) == len(metrics["seeds"])
             assert method["recall@1"] == pytest.approx(sum(by_seed) / len(by_seed), abs=1e-4)
+
+
+@pytest.mark.notebook
+def test_notebook_07_trains_what_the_gpu_preset_trains(tmp_path):
+    # The GPU preset's shape at the smoke size: with nothing stored it trains the methods in
+    # one setting, no ablation, and says what is missing instead of failing.
+    name = "07_method_comparison"
+    overrides = {"train_settings": [SCRATCH], "train_ablations": False}  # the GPU preset's
+    metrics = run_notebook(name, tmp_path, PRESET="smoke", **{k.upper(): v for k, v in overrides.items()})  # fmt: skip
+    assert set(metrics["methods"]) == {SCRATCH}
+    names = set(metrics["methods"][SCRATCH])  # EE's row is named after its base
+    assert set(compare.METHODS) - {"ee"} <= names and any(n.endswith(" + EE") for n in names)
+    assert metrics["provenance"]["records"] == len(compare.METHODS)
+    verdicts = flatten(metrics["claims"])
+    assert all(v.startswith(claims.NOT_MEASURED) for k, v in verdicts.items() if IMAGENET in k)
+    layer_norm = next(v for k, v in verdicts.items() if k.startswith("8.") and SCRATCH in k)
+    assert layer_norm == f"{claims.NOT_MEASURED} (runs missing)"  # an ablation's claim
+    assert_trained_as_planned(name, trainings(tmp_path), **overrides)
 
 
 # Every notebook on a folder without domains; with domains (<class>/<domain>/ subfolders) only

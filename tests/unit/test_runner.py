@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -12,7 +15,7 @@ from utils_cv.similarity import training
 from utils_cv.similarity.losses import SoftmaxLoss, TripletLoss
 from utils_cv.similarity.metrics import retrieval_metrics
 from utils_cv.similarity.models import EmbeddingNet, embed
-from utils_cv.similarity.runner import sweep_table, train_run, train_runs
+from utils_cv.similarity.runner import TRAINING_LOG, sweep_table, train_run, train_runs
 from utils_cv.similarity.samplers import ClassBalancedBatchSampler
 from utils_cv.similarity.training import get_history, make_learner, replace_loss
 
@@ -277,8 +280,10 @@ def test_sweep_table_has_a_row_per_value():
     assert "final active_fraction" in table.columns and "final proxy_accuracy" not in table
 
 
-def test_train_runs_in_worker_processes_gives_the_runs_of_one_after_another():
+def test_train_runs_in_worker_processes_gives_the_runs_of_one_after_another(tmp_path, monkeypatch):
     train, val, test = stripes(0), stripes(1), stripes(2)
+    log = tmp_path / "trainings.jsonl"  # the workers inherit the variable
+    monkeypatch.setenv(TRAINING_LOG, str(log))
 
     # Defined here, as a notebook defines it: joblib sends it by value, with the data.
     def train_one(seed, margin):
@@ -299,6 +304,13 @@ def test_train_runs_in_worker_processes_gives_the_runs_of_one_after_another():
         torch.testing.assert_close(other.embeddings, one.embeddings, rtol=1e-4, atol=1e-5)
     # Different jobs gave different runs, each in its own place.
     assert not torch.equal(there[0].embeddings, there[1].embeddings)
+    # Every training, here and in the workers, left one line in the training log.
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert len(lines) == 6
+    assert {(e["epochs"], e["images"], e["image_passes"]) for e in lines} == {(2, len(train), 2 * len(train))}  # fmt: skip
+    assert {e["image_size"] for e in lines} == {train.images.shape[-1]}
+    assert [e["pid"] == os.getpid() for e in lines] == [True] * 3 + [False] * 3
+    assert all(e["backbone"] == type(small_model().backbone).__name__ and e["seconds"] > 0 for e in lines)  # fmt: skip
 
 
 @pytest.mark.parametrize("workers", [0, -1, 1.5, True])

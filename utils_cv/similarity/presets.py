@@ -70,13 +70,15 @@ PRESETS: dict[str, dict[str, Any]] = {
         "finetune_lr": 1e-3,
         "frozen_stages": 3,
     },
-    # ResNet-18 from scratch at 64 px (50 epochs of the eight-design data: the steps of the
-    # 100 planned on the four-design data): one training took about 28 s alone on an H200,
-    # 65-100 s beside six others.
+    # ResNet-18 from scratch at 64 px. Sized so that every notebook fits about 6 minutes on
+    # one H200 (budget.py counts each notebook's trainings; tests/unit/test_budget.py checks
+    # the sum): 30 epochs of the eight-design data. The first GPU run (2026-12-04) had 50,
+    # about 28 s per training alone and 65-100 s beside six others, which put notebook 03
+    # at over 8 minutes; none of those numbers chose anything on the test classes.
     "gpu": {
         "backbone": "resnet18",
         "image_size": 64,
-        "epochs": 50,
+        "epochs": 30,
         "batch_size": 128,
         "lr": 3e-3,
         "embedding_size": 512,
@@ -88,11 +90,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         # model fills a fraction of an H200; 6 leaves the 16-core machine lent here a
         # core per process.
         "workers": 6,
-        # Every stage fine-tuned, at the emoji build's own 96 px (128 would only upsample
-        # it), for longer. Not yet run on a GPU: .ci/gpu-bundle carries 64 px images and no
-        # ImageNet weights yet (see its header).
-        "finetune_image_size": 96,
-        "finetune_epochs": 20,
+        # Every stage fine-tuned, at 64 px like the CPU preset (the size .ci/gpu-bundle
+        # carries to a GPU machine, within its 64 MiB) and for longer. Not yet run on a GPU.
+        "finetune_image_size": 64,
+        "finetune_epochs": 12,
         "finetune_lr": 1e-3,
         "frozen_stages": 0,
     },
@@ -133,6 +134,7 @@ LIST_TYPES: dict[str, type] = {
     "ranking_weights": float,
     "points_sweep": int,
     "occlusion_sizes": float,
+    "train_settings": str,
 }
 
 # Notebook 02's main ProxyNCA setting, chosen on the validation classes of the CPU preset
@@ -354,13 +356,21 @@ SCRATCH, IMAGENET = "from scratch", "from ImageNet"
 # ablations: the one-setting changes of a method that some claims need (compare.ABLATIONS):
 # "all", or the smoke preset's four, one per code path an ablation adds (fewer proxies than
 # classes, P x K batches for a classifier, a larger embedding with its code, EE unprojected).
+# train_settings, train_ablations: what the notebook trains when results are missing (it shows
+# whatever is stored, in both settings).
+# The GPU preset's budget, by construction: with no stored GPU results (benchmarks/compare.py
+# --preset gpu makes all 114 trainings, resuming), the notebook trains the nine methods from
+# scratch on three seeds (27 trainings, about 4.5 minutes by budget.py's estimate), not the
+# ImageNet setting or the ablations; their claims say "runs missing".
 _COMPARISON = {
     "smoke": {"seeds": [0], "recheck": [["batch_hard", SCRATCH]],
               "ablations": ["proxy_nca-half_proxies", "norm_softmax-s2", "norm_softmax-4x_dims",
-                            "ee-no_projection"]},
+                            "ee-no_projection"], "train_settings": [SCRATCH, IMAGENET],
+              "train_ablations": True},
     "cpu": {"seeds": [0, 1, 2], "recheck": [["softmax", SCRATCH], ["batch_hard", SCRATCH]],
-            "ablations": "all"},
-    "gpu": {"seeds": [0, 1, 2], "recheck": [], "ablations": "all"},
+            "ablations": "all", "train_settings": [SCRATCH, IMAGENET], "train_ablations": True},
+    "gpu": {"seeds": [0, 1, 2], "recheck": [], "ablations": "all", "train_settings": [SCRATCH],
+            "train_ablations": False},
 }  # fmt: skip
 NOTEBOOK_PRESETS["07_method_comparison"] = {
     name: _shared_with_01(name)
@@ -521,6 +531,7 @@ def preset_config(
 
 
 _NAMES = {
+    bool: ("True or False", "booleans"),
     int: ("an integer", "integers"),
     str: ("a string", "strings"),
     float: ("a number", "numbers"),
@@ -548,7 +559,10 @@ def _check_override(key: str, value: Any, default: Any) -> None:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         expected = "a number"
     else:
-        ok = isinstance(value, type(default)) and not isinstance(value, bool)
+        # bool is an int: only a bool setting takes True or False
+        ok = isinstance(value, type(default)) and (
+            isinstance(default, bool) or not isinstance(value, bool)
+        )
         expected = _NAMES.get(type(default), (f"of type {type(default).__name__}",))[0]
     if not ok:
         hint = ""

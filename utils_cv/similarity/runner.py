@@ -31,6 +31,8 @@ so the next phase starts from it, and the run ends with the best epoch of all ph
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -55,6 +57,10 @@ from utils_cv.similarity.training import (
 )
 
 ModuleOrBuilder = nn.Module | Callable[[], nn.Module]
+# With this environment variable set to a file path, every ``train_run`` (in this process or
+# in ``train_runs``' workers, which inherit it) appends one JSON line to the file: what it
+# trained and how long it took. ``.ci/gpu-check`` sums them per notebook.
+TRAINING_LOG = "UTILS_CV_TRAINING_LOG"
 # Below both, the best-epoch choice on the validation split is noisy: train_run warns.
 FEW_VAL_CLASSES, FEW_VAL_IMAGES = 50, 1000
 
@@ -238,7 +244,30 @@ def train_run(
     if test is not None:
         run.embeddings = embed(model, test.images)
         run.metrics = retrieval_metrics(run.embeddings, test.labels, ks=tuple(ks), nmi=nmi)
+    log_training(model, train, epochs, seconds)
     return run
+
+
+def log_training(model: nn.Module, train: ImageData, epochs: int, seconds: float) -> None:
+    """Append one line about a finished training to the file named by ``$UTILS_CV_TRAINING_LOG``
+    (nothing without it): the backbone, image size, training images, epochs, their product
+    (images passed through the network), the training seconds and the device."""
+    path = os.environ.get(TRAINING_LOG)
+    if not path:
+        return
+    parameter = next(model.parameters(), None)
+    entry = {
+        "backbone": type(getattr(model, "backbone", model)).__name__,
+        "image_size": int(train.images.shape[-1]),
+        "images": len(train),
+        "epochs": epochs,
+        "image_passes": len(train) * epochs,
+        "seconds": round(seconds, 2),
+        "device": "cpu" if parameter is None else str(parameter.device),
+        "pid": os.getpid(),
+    }
+    with open(path, "a", encoding="utf-8") as file:  # one short line: appends do not interleave
+        file.write(json.dumps(entry) + "\n")
 
 
 def train_runs(
@@ -271,11 +300,17 @@ def train_runs(
     from joblib import Parallel, delayed
 
     parallel = Parallel(n_jobs=min(workers, len(jobs)), backend="loky")
-    return parallel(delayed(_portable_run)(train_one, job) for job in jobs)
+    log = os.environ.get(TRAINING_LOG)  # loky reuses workers started before it was set
+    return parallel(delayed(_portable_run)(train_one, job, log) for job in jobs)
 
 
-def _portable_run(train_one: Callable[..., Run], job: tuple) -> Run | tuple:
-    """One job in a worker process, its Run (or each Run of a tuple) made fit to travel."""
+def _portable_run(train_one: Callable[..., Run], job: tuple, log: str | None) -> Run | tuple:
+    """One job in a worker process, its Run (or each Run of a tuple) made fit to travel;
+    ``log``: the parent's training log, or None."""
+    if log:
+        os.environ[TRAINING_LOG] = log
+    else:
+        os.environ.pop(TRAINING_LOG, None)
     result = train_one(*job)
     for run in result if isinstance(result, tuple) else (result,):
         if isinstance(run, Run):
