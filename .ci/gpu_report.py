@@ -28,6 +28,7 @@ def notebook_name(number: str) -> str:
 def report(work: Path) -> list[dict]:
     from utils_cv.similarity import budget
     from utils_cv.similarity.presets import preset_config
+    from utils_cv.similarity.runner import read_training_log
 
     rows = []
     for line in (work / "times.txt").read_text().splitlines():
@@ -35,8 +36,8 @@ def report(work: Path) -> list[dict]:
         name = notebook_name(number)
         config = preset_config("gpu", name)
         planned = budget.planned_trainings(name, config)
-        log = [json.loads(entry) for path in sorted(work.glob(f"{number}_*/**/trainings.jsonl"))
-               for entry in path.read_text().splitlines()]  # fmt: skip
+        log = [entry for path in sorted(work.glob(f"{number}_*/**/trainings.jsonl"))
+               for entry in read_training_log(path)]  # fmt: skip
         passes = sum(entry["image_passes"] for entry in log)
         rows.append({
             "notebook": name,

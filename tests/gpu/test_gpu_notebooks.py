@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.notebooks.notebook_runner import assert_sane, run_notebook
+from tests.notebooks.notebook_runner import assert_every_method, assert_sane, run_notebook
 from utils_cv.similarity import compare
 from utils_cv.similarity.presets import SCRATCH
 
@@ -150,7 +150,7 @@ def test_method_comparison_gpu(tmp_path):
     # (1 in about 975 test classes), and the classifier as in notebooks 00-03's GPU runs
     # (0.58-0.59 on an H200) well above raw pixels (0.389).
     scratch = metrics["methods"][SCRATCH]
-    assert set(compare.METHODS) <= set(scratch)
+    assert_every_method(scratch)
     assert all(m["recall@1"] > 0.05 and "recall@1_std" in m for m in scratch.values())
     assert scratch["softmax"]["recall@1"] > 0.44
     assert metrics["provenance"]["records"] >= 3 * len(compare.METHODS)

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import papermill
 
-from utils_cv.similarity.runner import TRAINING_LOG
+from utils_cv.similarity import compare
+from utils_cv.similarity.runner import TRAINING_LOG, read_training_log
 
 ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOK_DIR = ROOT / "notebooks"
@@ -19,10 +20,16 @@ NOTEBOOK_DIR = ROOT / "notebooks"
 TRAININGS = "trainings.jsonl"
 
 
+def assert_every_method(names) -> None:
+    """Notebook 07's rows in one setting name every compared method; EE's by its base
+    ("multi_similarity + EE")."""
+    names = set(names)
+    assert set(compare.METHODS) - {"ee"} <= names and any(n.endswith(" + EE") for n in names)
+
+
 def trainings(output_dir: Path) -> list[dict]:
     """The trainings a ``run_notebook`` into ``output_dir`` made, in the order they ended."""
-    path = output_dir / TRAININGS
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return read_training_log(output_dir / TRAININGS)
 
 
 def notebook_path(name: str) -> Path:

@@ -20,7 +20,14 @@ from utils_cv.similarity.datasets.fashion_mnist import FASHION_MNIST_DEBIAN
 from utils_cv.similarity.models import create_backbone
 from utils_cv.similarity.presets import IMAGENET, SCRATCH, preset_config
 
-from .notebook_runner import NOTEBOOK_DIR, assert_sane, flatten, run_notebook, trainings
+from .notebook_runner import (
+    NOTEBOOK_DIR,
+    assert_every_method,
+    assert_sane,
+    flatten,
+    run_notebook,
+    trainings,
+)
 
 # Keys each notebook must record in metrics.json (flattened with "/").
 EXPECTED_KEYS = {
@@ -255,8 +262,7 @@ def test_notebook_07_trains_what_the_gpu_preset_trains(tmp_path):
     overrides = {"train_settings": [SCRATCH], "train_ablations": False}  # the GPU preset's
     metrics = run_notebook(name, tmp_path, PRESET="smoke", **{k.upper(): v for k, v in overrides.items()})  # fmt: skip
     assert set(metrics["methods"]) == {SCRATCH}
-    names = set(metrics["methods"][SCRATCH])  # EE's row is named after its base
-    assert set(compare.METHODS) - {"ee"} <= names and any(n.endswith(" + EE") for n in names)
+    assert_every_method(metrics["methods"][SCRATCH])
     assert metrics["provenance"]["records"] == len(compare.METHODS)
     verdicts = flatten(metrics["claims"])
     assert all(v.startswith(claims.NOT_MEASURED) for k, v in verdicts.items() if IMAGENET in k)

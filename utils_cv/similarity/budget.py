@@ -131,7 +131,7 @@ def planned_trainings(
         ablations = len(c["points_sweep"]) + bool(c["projection_ablation"])
         return _count([(SCRATCH, epochs, 4 * seeds + ablations), (IMAGENET, tuned, 4 * seeds)])
     if notebook == "07_method_comparison":
-        methods = compare.compared(c) if c["train_ablations"] else list(compare.METHODS)
+        methods = compare.to_train(c)
         budget = {SCRATCH: epochs, IMAGENET: tuned}
         entries = [(name, budget[name], len(methods) * seeds) for name in c["train_settings"]]
         entries += [(name, budget[name], 1) for _, name in c["recheck"]]

@@ -157,6 +157,12 @@ def compared(config: Mapping[str, Any]) -> list[str]:
     return [*METHODS, *(ABLATIONS if ablations == "all" else ablations)]
 
 
+def to_train(config: Mapping[str, Any]) -> list[str]:
+    """What notebook 07 trains when results are missing: ``compared`` with
+    ``config["train_ablations"]``, the methods alone without."""
+    return compared(config) if config["train_ablations"] else list(METHODS)
+
+
 def protocol(config: Mapping[str, Any]) -> dict[str, Any]:
     """The settings every method shares, as recorded with each result."""
     missing = [key for key in PROTOCOL_KEYS if key not in config]

@@ -270,6 +270,15 @@ def log_training(model: nn.Module, train: ImageData, epochs: int, seconds: float
         file.write(json.dumps(entry) + "\n")
 
 
+def read_training_log(path: str | os.PathLike) -> list[dict]:
+    """The entries ``log_training`` appended to ``path``, in the order the trainings ended;
+    none without the file."""
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as file:
+        return [json.loads(line) for line in file]
+
+
 def train_runs(
     train_one: Callable[..., Run | tuple], jobs: Sequence[object], workers: int = 1
 ) -> list[Run | tuple]:
