@@ -3,15 +3,9 @@ import numpy as np
 import pytest
 import torch
 
-from utils_cv.similarity.binary import (
-    _hamming_block,
-    _plus_minus,
-    binarize,
-    hamming_distances,
-    hamming_neighbors,
-    unpack_bits,
-)
+from utils_cv.similarity.binary import binarize, hamming_distances, hamming_neighbors, unpack_bits
 from utils_cv.similarity.metrics import compute_distances, nearest_neighbors, retrieval_metrics
+from utils_cv.similarity.search import _hamming_block, _plus_minus
 
 
 def random_codes(num_rows, dim, seed):

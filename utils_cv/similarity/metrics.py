@@ -16,289 +16,42 @@ cannot score and are left out of all of them, as pytorch-metric-learning does.
 
 metric="hamming" takes packed binary codes (`binary.binarize`) instead of float embeddings and
 gives exactly the numbers of metric="squared_euclidean" on the unpacked bits, ties included.
-
-Exact search: the distance matrix of N queries against N references does not fit in memory for
-large N (60,502 SOP test images: 14.6 GB in float32), so queries are processed in chunks; each
-chunk is one matrix product against all references followed by `torch.topk`, and memory grows
-as O(chunk_size * N).
+The exact nearest-neighbour search itself, chunked, with its tie rule, lives in `search.py`;
+`compute_distances` and `nearest_neighbors` are importable from here too.
 
 `classification_metrics` scores a classifier on the classes it was trained on instead: top-1
 and mean per-class accuracy.
 """
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
 
-from utils_cv.similarity.binary import (
-    _as_codes,
-    _faiss_neighbor_chunks,
-    _hamming_block,
-    _searchable,
+from utils_cv.similarity.search import (
+    METRICS,
+    _as_embeddings,
+    _as_input,
+    _check_metric,
+    _check_widths,
+    _default_device,
+    _neighbor_chunks,
+    _prepare,
     _unpack,
-    hamming_distances,
+    compute_distances,
+    nearest_neighbors,
 )
 
-METRICS = ("euclidean", "squared_euclidean", "cosine", "hamming")
-
-# Memory for one chunk's block of distances; sets the default chunk size.
-# 256 MB holds 1,109 rows against the 60,502 SOP test images in float32.
-BLOCK_BYTES = 256 * 2**20
-
-
-def _as_embeddings(x, name: str) -> torch.Tensor:
-    """Return `x` as a (N, D) float tensor (float64 kept, other dtypes as float32)."""
-    x = torch.as_tensor(x)
-    if x.ndim != 2 or len(x) == 0:
-        raise ValueError(f"{name} must be a non-empty (N, D) array; got shape {tuple(x.shape)}")
-    if x.dtype != torch.float64:
-        x = x.float()
-    bad_rows = (~torch.isfinite(x).all(dim=1)).nonzero().flatten()
-    if len(bad_rows) > 0:
-        raise ValueError(
-            f"{name} has {len(bad_rows)} of {len(x)} rows with NaN or inf values "
-            f"(first rows: {bad_rows[:5].tolist()}); a diverged model produces these: "
-            "check the training loss and learning rate"
-        )
-    return x
-
-
-def _as_input(x, name: str, metric: str) -> torch.Tensor:
-    """Packed uint8 codes for metric="hamming", float embeddings for the others."""
-    return _as_codes(x, name) if metric == "hamming" else _as_embeddings(x, name)
-
-
-def _check_metric(metric: str) -> None:
-    if metric not in METRICS:
-        raise ValueError(f"metric={metric!r} is not supported; use one of {METRICS}")
-
-
-def _check_widths(query: torch.Tensor, reference: torch.Tensor, metric: str, name="query") -> None:
-    if query.shape[1] != reference.shape[1]:
-        unit = "bytes per code" if metric == "hamming" else "dimensions"
-        raise ValueError(
-            f"{name} has {query.shape[1]} {unit} but reference has {reference.shape[1]}; "
-            "both need the same size"
-        )
-
-
-def _prepare(x: torch.Tensor, metric: str) -> torch.Tensor:
-    if metric == "hamming":
-        return _searchable(x)  # codes on the CPU, ±1 vectors on a GPU (see binary.py)
-    # Cosine distance is the Euclidean geometry of unit vectors; normalize once, not per chunk.
-    # A zero vector has no direction: it stays zero and is at cosine distance 1 from everything.
-    return torch.nn.functional.normalize(x, dim=1) if metric == "cosine" else x
-
-
-def _rank_scores(
-    query: torch.Tensor,
-    reference: torch.Tensor,
-    metric: str,
-    reference_sq: torch.Tensor | None = None,
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Scores that order references exactly like the distance, with a single matrix product.
-
-    query: (Q, D), reference: (R, D), both already through `_prepare`; returns (Q, R).
-    euclidean:  ||r||^2 - 2 q.r  (= ||q - r||^2 - ||q||^2; the constant ||q||^2 of a row is
-                added back only for the k distances kept, see `_scores_to_distances`)
-    cosine:     -q.r             (= (1 - cos) - 1 for unit vectors)
-    hamming:    the Hamming distance itself, exact integers (int32 from popcount on the CPU)
-    `out` lets the caller reuse one buffer for every chunk instead of allocating each time.
-    """
-    if metric == "hamming":
-        return _hamming_block(query, reference, out=out)
-    if metric == "cosine":
-        return torch.mm(-query, reference.T, out=out)
-    if reference_sq is None:
-        reference_sq = (reference * reference).sum(dim=1)
-    # addmm writes reference_sq into the result and lets the BLAS add -2 q.r on top of it.
-    return torch.addmm(reference_sq, query, reference.T, alpha=-2, out=out)
-
-
-def _scores_to_distances(scores: torch.Tensor, query: torch.Tensor, metric: str) -> torch.Tensor:
-    """Turn `_rank_scores` (Q, k) into distances; the expansion can dip below 0 by rounding."""
-    if metric == "hamming":
-        return scores
-    if metric == "cosine":
-        return (scores + 1).clamp_(0, 2)
-    squared = (scores + (query * query).sum(dim=1, keepdim=True)).clamp_(min=0)
-    return squared.sqrt_() if metric == "euclidean" else squared
-
-
-def compute_distances(query, reference, metric: str = "euclidean") -> torch.Tensor:
-    """All pairwise distances between two sets of embeddings.
-
-    Args:
-        query: (Q, D) float, torch tensor or numpy array.
-        reference: (R, D) float.
-        metric: "euclidean" ||q - r||, "squared_euclidean" ||q - r||^2, "cosine" 1 - cos(q, r),
-            or "hamming" for packed uint8 codes (`binary.hamming_distances`).
-
-    Returns:
-        (Q, R) tensor on the inputs' device, float64 for float64 inputs, int32 for "hamming",
-        float32 otherwise.
-
-    Computed as ||q||^2 + ||r||^2 - 2 q.r (one matrix product). In float32 this expansion
-    loses about 7 digits relative to ||q||^2 + ||r||^2: two identical unit vectors come out at
-    a distance near 3e-4 instead of 0. This function is meant for the small sets shown in
-    plots, so it computes in float64 (error about 1e-8 for unit vectors) and clamps the tiny
-    negative squared distances that rounding still leaves to 0. It holds the whole (Q, R)
-    matrix: use `nearest_neighbors` for large sets.
-    """
-    _check_metric(metric)
-    if metric == "hamming":
-        return hamming_distances(query, reference)
-    query, reference = _as_embeddings(query, "query"), _as_embeddings(reference, "reference")
-    _check_widths(query, reference, metric)
-    dtype = query.dtype
-    query64 = _prepare(query.double(), metric)
-    reference64 = _prepare(reference.double().to(query.device), metric)
-    scores = _rank_scores(query64, reference64, metric)
-    return _scores_to_distances(scores, query64, metric).to(dtype)
-
-
-def _default_device(device) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def _neighbor_chunks(
-    query: torch.Tensor,
-    reference: torch.Tensor,
-    k: int,
-    metric: str,
-    chunk_size: int | None,
-    device: torch.device,
-    self_index: torch.Tensor | None = None,
-) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-    """Yield (start, distances (c, k), indices (c, k)) on `device` for chunks of c queries.
-
-    query: (Q, D), reference: (N, D) (packed codes for "hamming"). self_index: (Q,) position
-    of each query in `reference` when the query belongs to it; that one reference is excluded
-    from the query's neighbours.
-    """
-    if chunk_size is not None and chunk_size < 1:
-        raise ValueError(f"chunk_size={chunk_size} must be a positive number of queries")
-    if metric == "hamming" and device.type == "cpu":
-        yield from _faiss_neighbor_chunks(query, reference, k, chunk_size, self_index)
-        return
-    reference = _prepare(reference.to(device, query.dtype), metric)
-    query = _prepare(query.to(device), metric)
-    # Popcount gives int32 Hamming distances; everything else scores in the reference's type.
-    dtype = reference.dtype if reference.is_floating_point() else torch.int32
-    if chunk_size is None:
-        chunk_size = max(1, BLOCK_BYTES // (dtype.itemsize * len(reference)))
-    chunk_size = min(chunk_size, len(query))
-    euclidean = metric in ("euclidean", "squared_euclidean")
-    reference_sq = (reference * reference).sum(dim=1) if euclidean else None
-    block = torch.empty(chunk_size, len(reference), dtype=dtype, device=device)
-    excluded = torch.inf if dtype.is_floating_point else torch.iinfo(dtype).max
-    for start in range(0, len(query), chunk_size):
-        chunk = query[start : start + chunk_size]
-        scores = _rank_scores(chunk, reference, metric, reference_sq, out=block[: len(chunk)])
-        if self_index is not None:
-            # By index, not by distance 0: a duplicate of the query is a genuine neighbour.
-            rows = torch.arange(len(chunk), device=device)
-            scores[rows, self_index[start : start + len(chunk)].to(device)] = excluded
-        values, indices = _smallest(scores, k)
-        yield start, _scores_to_distances(values, chunk, metric), indices
-
-
-def _smallest(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k smallest scores of each row and their columns, ordered by (score, column).
-
-    `torch.topk` alone breaks ties in an order that changes with k, so Recall@1 would depend
-    on which other K were asked for. Here equal scores come in column order, and a tie that
-    straddles the k-th place keeps its lowest columns. Rows without ties cost nothing extra;
-    a straddling tie, the rule for Hamming distances, costs a few passes over the row.
-    """
-    extra = int(k < scores.shape[1])  # one more to see whether a tie straddles the k-th place
-    values, indices = torch.topk(scores, k + extra, dim=1, largest=False)
-    straddles = values[:, -1] == values[:, -2] if extra and k > 0 else None
-    values, indices = values[:, :k], indices[:, :k]
-    tied = (values[:, 1:] == values[:, :-1]).any(dim=1)
-    if straddles is not None:
-        tied &= ~straddles  # those rows are fully sorted below anyway
-    if tied.any():
-        # One sort by (run of equal values, column); the values are already in order.
-        rows = tied.nonzero().flatten()
-        row_values, row_indices = values[rows], indices[rows]
-        run = torch.zeros_like(row_indices)
-        run[:, 1:] = (row_values[:, 1:] != row_values[:, :-1]).cumsum(dim=1)
-        order = (run * scores.shape[1] + row_indices).argsort(dim=1)
-        values[rows], indices[rows] = row_values.gather(1, order), row_indices.gather(1, order)
-    if straddles is not None and straddles.any():
-        # Keep every score below the k-th value and the lowest columns of those equal to it:
-        # k per row, found in column order. A full sort of each row would cost far more.
-        rows = straddles.nonzero().flatten()
-        row_scores, kth = scores[rows], values[rows, k - 1 :]
-        below, at = row_scores < kth, row_scores == kth
-        needed = k - below.sum(dim=1, keepdim=True, dtype=torch.int32)
-        keep = below | (at & (at.cumsum(dim=1, dtype=torch.int32) <= needed))
-        columns = keep.nonzero()[:, 1].view(len(rows), k)
-        row_values = row_scores.gather(1, columns)
-        row_values, order = torch.sort(row_values, dim=1, stable=True)
-        values[rows], indices[rows] = row_values, columns.gather(1, order)
-    return values, indices
-
-
-def nearest_neighbors(
-    query,
-    reference=None,
-    k: int = 10,
-    metric: str = "euclidean",
-    chunk_size: int | None = None,
-    device=None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact k nearest neighbours of every query, nearest first.
-
-    Args:
-        query: (Q, D) float, torch tensor or numpy array.
-        reference: (N, D) float; None searches `query` against itself, each query's own row
-            excluded (by index: an exact duplicate of a query still counts as a neighbour).
-        k: neighbours per query, at most N (N - 1 when `reference` is None).
-        metric: "euclidean", "squared_euclidean", "cosine" (1 - cos), or "hamming" for packed
-            uint8 codes (Q, B) and (N, B), see `compute_distances`.
-        chunk_size: queries per chunk; memory is about chunk_size * N distances. None picks
-            the chunk so that one block of distances takes `BLOCK_BYTES` (256 MB).
-        device: where to compute; None means CUDA when available, else CPU.
-
-    Returns:
-        distances (Q, k) float (int32 for "hamming") and indices (Q, k) int64 into
-        `reference`, on the CPU.
-
-    The search computes float32 distances (float64 for float64 inputs) by the expansion of
-    `compute_distances`: squared distances carry an absolute error of about
-    1e-7 * (||q||^2 + ||r||^2), so references closer to each other than that may swap ranks.
-    faiss, behind pytorch-metric-learning, has the same property. Ties (equal distances, e.g.
-    duplicate references) come in reference order, whatever k and the chunking, so a metric
-    does not change with the other K asked for.
-    """
-    _check_metric(metric)
-    query = _as_input(query, "query", metric)
-    self_index = None
-    if reference is None:
-        reference, self_index = query, torch.arange(len(query))
-    else:
-        reference = _as_input(reference, "reference", metric)
-    _check_widths(query, reference, metric)
-    available = len(reference) - (self_index is not None)
-    if not 1 <= k <= available:
-        raise ValueError(
-            f"k={k} but there are {available} references per query; use 1 <= k <= {available}"
-        )
-    dtype = torch.int32 if metric == "hamming" else query.dtype
-    distances = torch.empty(len(query), k, dtype=dtype)
-    indices = torch.empty(len(query), k, dtype=torch.int64)
-    for start, chunk_distances, chunk_indices in _neighbor_chunks(
-        query, reference, k, metric, chunk_size, _default_device(device), self_index
-    ):
-        distances[start : start + len(chunk_distances)] = chunk_distances.cpu()
-        indices[start : start + len(chunk_indices)] = chunk_indices.cpu()
-    return distances, indices
+__all__ = [
+    "METRICS",
+    "classification_metrics",
+    "compute_distances",
+    "mean_cosine",
+    "mean_distance",
+    "nearest_neighbors",
+    "pairwise_f1",
+    "retrieval_metrics",
+]
 
 
 def _as_labels(labels, num_rows: int, name: str) -> np.ndarray:

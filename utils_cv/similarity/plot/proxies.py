@@ -14,8 +14,7 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 
 from utils_cv.similarity.metrics import mean_cosine
-
-Array = torch.Tensor | np.ndarray
+from utils_cv.similarity.plot._common import Array
 
 
 def plot_softmax_over_proxies(distances: Sequence[float], scales: Sequence[float]) -> Figure:
