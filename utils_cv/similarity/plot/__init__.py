@@ -7,6 +7,8 @@ class representatives. One module per kind of picture:
 - ``embeddings``: t-SNE and PCA maps, what triplet mining picks, Embedding Expansion.
 - ``curves``: training curves and histories, Recall@K curves, results over seeds as bars.
 - ``proxies``: class representatives: ProxyNCA's proxies, NormSoftmax's weights.
+- ``widget``: ``RetrievalBrowser``, a query and its results to click through (ipywidgets), and
+  the same as a static figure.
 - ``_common``: the image type, colours and sizes, and drawing one tile, shared by the others.
 
 Every function returns its matplotlib Figure and never calls ``plt.show()``. Figures are made
@@ -48,6 +50,7 @@ from utils_cv.similarity.plot.proxies import (
     plot_temperatures,
 )
 from utils_cv.similarity.plot.ranks import plot_example_queries, plot_rank, plot_rank_examples
+from utils_cv.similarity.plot.widget import RetrievalBrowser
 
 __all__ = [
     "CAPTION_WIDTH",
@@ -56,6 +59,7 @@ __all__ = [
     "TILE_EDGE_COLOR",
     "TITLE_SIZE",
     "Array",
+    "RetrievalBrowser",
     "credit_designs",
     "plot_distance_grid",
     "plot_distance_histograms",
