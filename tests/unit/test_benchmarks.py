@@ -4,11 +4,13 @@ Only the output's shape and consistency are checked: timings belong to the scrip
 assertions (benchmarks/README.md).
 """
 
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 BENCHMARKS = Path(__file__).parents[2] / "benchmarks"
@@ -137,3 +139,88 @@ def test_finetune_recipe_reports_validation_scores_per_configuration(tmp_path):
     for run in result["runs"]:
         assert run["best_val_recall@1"] == max(run["val_recall@1_by_epoch"])
         assert 0 <= run["best_val_recall@1"] <= 1 and run["training_seconds"] > 0
+
+
+def load_script(name: str):
+    """A benchmark script imported as a module, by path (as a notebook can)."""
+    spec = importlib.util.spec_from_file_location(name.removesuffix(".py"), BENCHMARKS / name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_index_speed_measures_recall_against_exact_search(tmp_path, monkeypatch):
+    # faiss's OpenMP threads spin while waiting: on a busy machine that makes toy sizes slow
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    result = run_script(
+        "index_speed.py", tmp_path,
+        "--references", "2000", "--queries", "100", "--dim", "32", "--nprobe", "1", "4", "1000",
+        "--pq-bytes", "8", "--ef-search", "16", "64", "--repeats", "2", "--k", "5",
+    )  # fmt: skip
+    rows = result["rows"]
+    data = result["data"]
+    assert (data["source"], data["references"], data["queries"], data["dim"]) == (
+        "synthetic", 2000, 100, 32
+    )  # fmt: skip
+    assert [(r["kind"], r["nprobe"], r["ef_search"]) for r in rows] == [
+        ("flat", None, None),
+        *[("ivf_flat", p, None) for p in (1, 4, rows[3]["nlist"])],  # 1000 lowered to nlist
+        *[("ivf_pq", p, None) for p in (1, 4, rows[3]["nlist"])],
+        ("hnsw", None, 16), ("hnsw", None, 64),
+        ("binary_flat", None, None),
+    ]  # fmt: skip
+    assert rows[3]["nlist"] < 1000
+    for row in rows:
+        assert row["queries_per_second"] > 0 and row["memory_bytes"] > 0 and row["k"] == 5
+        assert len(row["search_seconds_all"]) == 2 and row["build_seconds"] > 0
+        assert 0 <= row["5-recall@5"] <= 1 and 0 <= row["1-recall@1"] <= 1
+    assert rows[0]["5-recall@5"] == rows[0]["1-recall@1"] == 1.0  # flat is the ground truth
+    # IVF-Flat scanning every cell computes every distance exactly: exact search again
+    assert rows[3]["5-recall@5"] == rows[3]["1-recall@1"] == 1.0
+    # More cells or candidates, no worse recall: a theorem for IVF-Flat (a superset of exact
+    # distances), not for IVF-PQ (a new candidate with an underestimated distance can push a
+    # true neighbour out: 8 bytes went 0.277 -> 0.276 from nprobe 32 to 64 at 20,000
+    # references) nor HNSW, so the parameters here are far apart.
+    for kind in ("ivf_flat", "ivf_pq", "hnsw"):
+        recall = [r["5-recall@5"] for r in rows if r["kind"] == kind]
+        assert recall == sorted(recall), (kind, recall)
+        assert recall[0] < recall[-1], (kind, recall)  # and the parameter does change the search
+        builds = {
+            (r["build"], r["build_seconds"], r["memory_bytes"]) for r in rows if r["kind"] == kind
+        }
+        assert len(builds) == 1  # built once, searched with each parameter
+    memory = {r["kind"]: r["bytes_per_vector"] for r in rows}
+    assert memory["binary_flat"] < memory["ivf_pq"] < memory["flat"] < memory["hnsw"]
+    assert memory["flat"] == pytest.approx(32 * 4, rel=0.01)  # 32 float32 per reference
+    assert rows[-1]["5-recall@5"] < 1  # Hamming neighbours are not the float ones
+    assert result["versions"]["faiss"] and result["machine"]["logical_cpus"] >= 1
+
+
+def test_index_speed_grows_real_references_with_noisy_copies(tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    rng = np.random.default_rng(0)
+    embeddings = rng.standard_normal((300, 16)).astype(np.float32)
+    np.save(tmp_path / "embeddings.npy", 3 * embeddings)  # normalized by the script
+    result = run_script(
+        "index_speed.py", tmp_path,
+        "--embeddings", str(tmp_path / "embeddings.npy"), "--queries", "40",
+        "--references", "1000", "--kinds", "hnsw", "--ef-search", "32", "--repeats", "1",
+    )  # fmt: skip
+    data = result["data"]
+    assert (data["source"], data["file_rows"], data["dim"]) == ("file", 300, 16)
+    assert (data["real_references"], data["noisy_copies"], data["references"]) == (260, 740, 1000)
+    noise = data["copy_noise"]
+    assert noise["relative"] == 0.5 and noise["typical_nn_distance"] > 0
+    assert noise["sigma_per_coordinate"] == pytest.approx(0.5 * noise["typical_nn_distance"] / 4)
+    assert [r["kind"] for r in result["rows"]] == ["flat", "hnsw"]
+
+    # the copies: unit vectors about relative x the typical neighbour distance from an original
+    index_speed = load_script("index_speed.py")
+    real = index_speed.normalize(embeddings[:200].copy())
+    grown, info = index_speed.grow(real, 1000, 0.5, seed=0)
+    assert grown.shape == (1000, 16) and np.allclose(np.linalg.norm(grown, axis=1), 1, atol=1e-5)
+    nearest = np.sqrt(np.clip(2 - 2 * grown @ real.T, 0, None)).min(axis=1)
+    assert np.sum(nearest < 1e-3) == 200  # every real reference kept, once
+    copies = np.sort(nearest)[200:]
+    expected = 0.5 * info["typical_nn_distance"]
+    assert 0.6 * expected < np.median(copies) < 1.2 * expected
