@@ -1,22 +1,30 @@
-"""Evaluation speed: `retrieval_metrics` on SOP-sized embeddings, against pytorch-metric-learning.
+"""Evaluation speed: `retrieval_metrics` on SOP-sized embeddings, against its floor and PML.
 
 Stanford Online Products' test set has 60,502 images of 11,316 products, 2 to 12 images each,
 and is evaluated with Recall@1, 10, 100, 1000. This script builds seeded synthetic embeddings of
 that shape (unit vectors scattered around one random centre per class, so the metrics land in a
-realistic range rather than near zero), times every metric, and measures peak memory. Unless
---skip-pml, it also runs pytorch-metric-learning's AccuracyCalculator (faiss flat search) on the
-same data and checks that Recall@1, R-Precision and MAP@R agree.
+realistic range rather than near zero), times every metric, and measures peak memory. Beside
+it, the "floor": the float32 distance products alone (`torch.addmm` of ||r||^2 - 2 q.r, as the
+search scores, chunk by chunk of the search's default chunk size or --chunk-size), with no
+selection and no metric, which any exact evaluation must at least compute; it prints and
+records ours / floor. Unless --skip-pml, it also runs pytorch-metric-learning's
+AccuracyCalculator (faiss flat search) on the same data and checks that Recall@1, R-Precision
+and MAP@R agree.
 
 Each measurement runs in a fresh Python process, so its peak memory is its own:
 CPU: peak resident memory (ru_maxrss) minus the resident memory just before the call;
 CUDA: torch.cuda.max_memory_allocated minus the memory allocated just before the call.
+CPU time (all threads) is recorded beside wall time: where other processes share the cores,
+it shows which wall times were inflated.
 
-    python benchmarks/eval_speed.py                        # CPU, SOP size, with PML
+    python benchmarks/eval_speed.py                        # CPU, SOP size, floor and PML
+    python benchmarks/eval_speed.py --n 20000 --classes 3741 --skip-pml   # quicker, no PML
     python benchmarks/eval_speed.py --device cuda --skip-pml --json outputs/eval_speed_cuda.json
 """
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -107,6 +115,25 @@ def measure(fn, device: torch.device, repeats: int, warmup: int) -> dict:
     }
 
 
+def products(x: torch.Tensor, chunk_size: int | None):
+    """The floor: a function computing the search's float32 distance products of x against
+    itself, ||r||^2 - 2 q.r (`search._rank_scores` for "euclidean"), one chunk of queries at a
+    time into one reused block, as `search._score_blocks` does, and nothing else."""
+    from utils_cv.similarity.search import BLOCK_BYTES
+
+    if chunk_size is None:
+        chunk_size = max(1, BLOCK_BYTES // (4 * len(x)))
+    squared = (x * x).sum(dim=1)
+    block = torch.empty(min(chunk_size, len(x)), len(x), device=x.device)
+
+    def run() -> None:
+        for start in range(0, len(x), chunk_size):
+            rows = x[start : start + chunk_size]
+            torch.addmm(squared, rows, x.T, alpha=-2, out=block[: len(rows)])
+
+    return run
+
+
 def worker(args) -> dict:
     """One measurement in this (fresh) process; prints its result as JSON."""
     device = torch.device(args.device)
@@ -118,6 +145,10 @@ def worker(args) -> dict:
         calculator = AccuracyCalculator(include=PML_METRICS, k="max_bin_count", device=device)
         return measure(lambda: calculator.get_accuracy(x, labels), device, 1, 0)
 
+    warmup = args.warmup if args.warmup is not None else int(device.type == "cuda")
+    if args.worker == "floor":
+        return measure(products(x.to(device), args.chunk_size), device, args.repeats, warmup)
+
     from utils_cv.similarity.metrics import retrieval_metrics
 
     if args.worker == "nmi":
@@ -128,7 +159,6 @@ def worker(args) -> dict:
     # they start in CPU memory, as `embed` returns them, and the copy is timed too.
     if args.worker == "ours":
         x = x.to(device)
-    warmup = args.warmup if args.warmup is not None else int(device.type == "cuda")
 
     def run():
         return retrieval_metrics(x, labels, ks=SOP_KS, chunk_size=args.chunk_size, device=device)
@@ -168,7 +198,7 @@ def main() -> None:
         print(json.dumps(worker(args)))
         return
 
-    jobs = ["ours"] + (["ours_host"] if args.device.startswith("cuda") else [])
+    jobs = ["ours", "floor"] + (["ours_host"] if args.device.startswith("cuda") else [])
     jobs += ([] if args.skip_pml else ["pml"]) + (["nmi"] if args.nmi else [])
     x, labels = make_data(args.n, args.dim, args.classes, args.noise)
     print(
@@ -179,6 +209,9 @@ def main() -> None:
     )
     results = {"n": args.n, "dim": args.dim, "classes": args.classes, "device": args.device}
     results["cpu_threads"] = torch.get_num_threads()
+    # OpenMP threads spin while they wait for work unless this is PASSIVE: on shared cores
+    # that changes the timings (benchmarks/README.md).
+    results["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY")
     with tempfile.TemporaryDirectory() as data_dir:
         np.save(Path(data_dir) / "embeddings.npy", x)
         np.save(Path(data_dir) / "labels.npy", labels)
@@ -192,8 +225,17 @@ def main() -> None:
                 f"peak {result['peak_mb']:7.0f} MB above the start "
                 f"({result['peak_mb_process']:.0f} MB process)"
             )
-            print(f"{'':>11}{json.dumps(result['values'])}")
+            if result["values"] is not None:
+                print(f"{'':>11}{json.dumps(result['values'])}")
 
+    results["ours_over_floor"] = results["ours"]["seconds"] / results["floor"]["seconds"]
+    results["ours_over_floor_cpu"] = (
+        results["ours"]["cpu_seconds"] / results["floor"]["cpu_seconds"]
+    )
+    print(
+        f"ours / floor (the distance products alone): {results['ours_over_floor']:.3f} in wall "
+        f"time, {results['ours_over_floor_cpu']:.3f} in CPU time"
+    )
     if "pml" in results:
         ours, pml = results["ours"]["values"], results["pml"]["values"]
         differences = {key: abs(ours[key] - pml[other]) for key, other in SAME_METRIC.items()}

@@ -7,11 +7,13 @@ exactly the squared Euclidean distance between the unpacked {0, 1} vectors.
 Chunked: the distance matrix of N queries against N references does not fit in memory for
 large N (60,502 SOP test images: 14.6 GB in float32), so queries are processed in chunks; each
 chunk is one matrix product against all references followed by `torch.topk`, and memory grows
-as O(chunk_size * N).
+as O(chunk_size * N). On the CPU, float32 scores are computed `TILE` references at a time
+instead, each tile handed to faiss's heaps of the k best while it is still in the cache
+(`_heap_chunks`, `faiss_flat.smallest`).
 
-Ties: equal distances come in reference order, whatever k and the chunking (`_smallest`), so a
-metric never changes with the other K asked for, and the Hamming search agrees exactly with a
-float search of the unpacked bits.
+Ties: equal distances come in reference order, whatever k and the chunking (`_smallest`, and
+faiss's heaps by construction, see `faiss_flat.py`), so a metric never changes with the other K
+asked for, and the Hamming search agrees exactly with a float search of the unpacked bits.
 
 How Hamming distances are computed:
 - on the CPU, XOR and popcount with `faiss.hammings`. Measured with one thread (best of 3, two
@@ -21,12 +23,12 @@ How Hamming distances are computed:
   distances at 512 dimensions (one addmm) 222-240 ms; 2048 bits: 51-74, 202-251, 339-412,
   1,483-1,662, 311-365 and 679-955 ms.
 - on the CPU, the k nearest with faiss's `IndexBinaryFlat` in its counting mode
-  (`use_heap = False`), which keeps, for each distance, the first references met in index
-  order, so ties come out by reference index as everywhere else (tests check it against a
-  float search of the unpacked bits). Ranking a full (queries, R) block of distances with
-  `torch.topk` took longer than computing it: 2000 queries x 60,502 codes of 512 bits ran at
-  1,700 queries/s that way, against 9,400 with the counting search, and 2048 bits at 480
-  against 1,200 (benchmarks/binary_search.py).
+  (`use_heap = False`, `faiss_flat.hamming_chunks`), which keeps, for each distance, the first
+  references met in index order, so ties come out by reference index as everywhere else
+  (tests check it against a float search of the unpacked bits). Ranking a full (queries, R)
+  block of distances with `torch.topk` took longer than computing it: 2000 queries x 60,502
+  codes of 512 bits ran at 1,700 queries/s that way, against 9,400 with the counting search,
+  and 2048 bits at 480 against 1,200 (benchmarks/binary_search.py).
 - elsewhere (a GPU), matrix products of ±1 vectors, where a GPU is fastest: for ±1 vectors of
   length L, q.r = L - 2 * hamming(q, r). Each product is an integer, exact in float32 up to
   L = 2^24 bits.
@@ -37,11 +39,16 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
+from utils_cv.similarity import faiss_flat
+
 METRICS = ("euclidean", "squared_euclidean", "cosine", "hamming")
 
 # Memory for one chunk's block of distances; sets the default chunk size.
 # 256 MB holds 1,109 rows against the 60,502 SOP test images in float32.
 BLOCK_BYTES = 256 * 2**20
+# References scored at once on the CPU (`_heap_chunks`): a (1,109, 1,024) float32 tile, 4.5 MB,
+# is still in the cache when faiss's heaps read it. 512 and 2,048 were slower.
+TILE = 1024
 
 
 def _as_embeddings(x, name: str) -> torch.Tensor:
@@ -107,7 +114,9 @@ def _rank_scores(
     if metric == "hamming":
         return _hamming_block(query, reference, out=out)
     if metric == "cosine":
-        return torch.mm(-query, reference.T, out=out)
+        # alpha=-1 scales inside the product: no negated copy of the queries (beta=0: the
+        # zero added is ignored).
+        return torch.addmm(query.new_zeros(()), query, reference.T, beta=0, alpha=-1, out=out)
     if reference_sq is None:
         reference_sq = (reference * reference).sum(dim=1)
     # addmm writes reference_sq into the result and lets the BLAS add -2 q.r on top of it.
@@ -162,6 +171,47 @@ def _default_device(device) -> torch.device:
     return torch.device(device)
 
 
+def _prepared(
+    query: torch.Tensor, reference: torch.Tensor, metric: str, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both sets on `device` through `_prepare`, the references in the queries' type."""
+    reference = _prepare(reference.to(device, query.dtype), metric)
+    return _prepare(query.to(device), metric), reference
+
+
+def _score_blocks(
+    query: torch.Tensor,
+    reference: torch.Tensor,
+    metric: str,
+    chunk_size: int | None,
+    self_index: torch.Tensor | None = None,
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """Yield (start, chunk, scores): the `_rank_scores` (c, N) of each chunk of c queries.
+
+    query (Q, D) and reference (N, D) come from `_prepared`. One block is reused from chunk to
+    chunk: memory O(chunk_size * N). self_index: (Q,) position of each query in `reference`;
+    that reference gets the largest score, so that it comes after every other.
+    """
+    device = reference.device
+    # Popcount gives int32 Hamming distances; everything else scores in the reference's type.
+    dtype = reference.dtype if reference.is_floating_point() else torch.int32
+    if chunk_size is None:
+        chunk_size = max(1, BLOCK_BYTES // (dtype.itemsize * len(reference)))
+    chunk_size = min(chunk_size, len(query))
+    euclidean = metric in ("euclidean", "squared_euclidean")
+    reference_sq = (reference * reference).sum(dim=1) if euclidean else None
+    block = torch.empty(chunk_size, len(reference), dtype=dtype, device=device)
+    excluded = torch.inf if dtype.is_floating_point else torch.iinfo(dtype).max
+    for start in range(0, len(query), chunk_size):
+        chunk = query[start : start + chunk_size]
+        scores = _rank_scores(chunk, reference, metric, reference_sq, out=block[: len(chunk)])
+        if self_index is not None:
+            # By index, not by distance 0: a duplicate of the query is a genuine neighbour.
+            rows = torch.arange(len(chunk), device=device)
+            scores[rows, self_index[start : start + len(chunk)].to(device)] = excluded
+        yield start, chunk, scores
+
+
 def _neighbor_chunks(
     query: torch.Tensor,
     reference: torch.Tensor,
@@ -180,27 +230,63 @@ def _neighbor_chunks(
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size} must be a positive number of queries")
     if metric == "hamming" and device.type == "cpu":
-        yield from _faiss_neighbor_chunks(query, reference, k, chunk_size, self_index)
+        yield from faiss_flat.hamming_chunks(query, reference, k, chunk_size, self_index)
         return
-    reference = _prepare(reference.to(device, query.dtype), metric)
-    query = _prepare(query.to(device), metric)
-    # Popcount gives int32 Hamming distances; everything else scores in the reference's type.
-    dtype = reference.dtype if reference.is_floating_point() else torch.int32
+    query, reference = _prepared(query, reference, metric, device)
+    if device.type == "cpu" and reference.dtype == torch.float32:
+        yield from _heap_chunks(query, reference, k, metric, chunk_size, self_index)
+        return
+    for start, chunk, scores in _score_blocks(query, reference, metric, chunk_size, self_index):
+        values, indices = _smallest(scores, k)
+        yield start, _scores_to_distances(values, chunk, metric), indices
+
+
+def _heap_chunks(
+    query: torch.Tensor,
+    reference: torch.Tensor,
+    k: int,
+    metric: str,
+    chunk_size: int | None,
+    self_index: torch.Tensor | None = None,
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """`_neighbor_chunks` for float32 on the CPU: scores by tiles, the k best by faiss's heaps.
+
+    query, reference: from `_prepared`. A full (c, N) block of scores leaves the cache before
+    `torch.topk` reads it back, and topk then costs a third of the matrix product (20,000 x 512
+    on 2 cores, 1,109 queries at a time: 0.49 s with k = 12, against 1.58 s for the products).
+    Here each chunk's `_rank_scores` are computed `TILE` references at a time, and faiss's
+    heaps take each tile while it is still in the cache (`faiss_flat.smallest`, which keeps
+    equal scores in index order: the results of `_smallest`): products and heaps took 1.46 to
+    1.60 s where the products alone in full blocks took 1.49 to 1.56 s. With `self_index`,
+    each query keeps k + 1 neighbours and drops its own row. Memory: O(chunk_size * TILE).
+
+    torch's and faiss's threads take turns every tile, and OpenMP threads spin while they wait
+    for work: on cores that other processes keep busy, this path slows down more than one large
+    product does (1.3 to 2.4 times the products, measured on 2 shared cores; setting
+    OMP_WAIT_POLICY=PASSIVE helps), where full blocks and `torch.topk` cost about 1.3 times
+    the products on idle cores.
+    """
     if chunk_size is None:
-        chunk_size = max(1, BLOCK_BYTES // (dtype.itemsize * len(reference)))
+        chunk_size = max(1, BLOCK_BYTES // (4 * len(reference)))
     chunk_size = min(chunk_size, len(query))
     euclidean = metric in ("euclidean", "squared_euclidean")
     reference_sq = (reference * reference).sum(dim=1) if euclidean else None
-    block = torch.empty(chunk_size, len(reference), dtype=dtype, device=device)
-    excluded = torch.inf if dtype.is_floating_point else torch.iinfo(dtype).max
+    buffer = torch.empty(chunk_size * min(TILE, len(reference)))
+    kept = k + int(self_index is not None)
+
+    def tiles(chunk: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+        for first in range(0, len(reference), TILE):
+            tile = reference[first : first + TILE]
+            tile_sq = None if reference_sq is None else reference_sq[first : first + TILE]
+            out = buffer[: len(chunk) * len(tile)].view(len(chunk), len(tile))
+            yield first, _rank_scores(chunk, tile, metric, tile_sq, out=out)
+
     for start in range(0, len(query), chunk_size):
         chunk = query[start : start + chunk_size]
-        scores = _rank_scores(chunk, reference, metric, reference_sq, out=block[: len(chunk)])
+        values, indices = faiss_flat.smallest(tiles(chunk), len(chunk), kept)
         if self_index is not None:
-            # By index, not by distance 0: a duplicate of the query is a genuine neighbour.
-            rows = torch.arange(len(chunk), device=device)
-            scores[rows, self_index[start : start + len(chunk)].to(device)] = excluded
-        values, indices = _smallest(scores, k)
+            own = self_index[start : start + len(chunk)].cpu()
+            values, indices = faiss_flat.drop_own(values, indices, own)
         yield start, _scores_to_distances(values, chunk, metric), indices
 
 
@@ -259,8 +345,9 @@ def nearest_neighbors(
         k: neighbours per query, at most N (N - 1 when `reference` is None).
         metric: "euclidean", "squared_euclidean", "cosine" (1 - cos), or "hamming" for packed
             uint8 codes (Q, B) and (N, B), see `compute_distances`.
-        chunk_size: queries per chunk; memory is about chunk_size * N distances. None picks
-            the chunk so that one block of distances takes `BLOCK_BYTES` (256 MB).
+        chunk_size: queries per chunk; memory is about chunk_size * N distances (chunk_size
+            * `TILE` for float32 on the CPU). None picks the chunk so that one block of
+            chunk_size * N distances takes `BLOCK_BYTES` (256 MB).
         device: where to compute; None means CUDA when available, else CPU.
 
     Returns:
@@ -387,36 +474,6 @@ def hamming_distances(query_codes, reference_codes, chunk_size: int | None = Non
         chunk = _searchable(query[start : start + chunk_size])
         distances[start : start + len(chunk)] = _hamming_block(chunk, reference)
     return distances
-
-
-def _faiss_neighbor_chunks(
-    query: torch.Tensor,
-    reference: torch.Tensor,
-    k: int,
-    chunk_size: int | None,
-    self_index: torch.Tensor | None = None,
-) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-    """`_neighbor_chunks` for uint8 codes on the CPU, by faiss's counting search.
-
-    Yields (start, distances (c, k) int32, indices (c, k) int64). With `self_index`, each
-    query asks for k + 1 neighbours and drops its own row, or the last one when its own row is
-    not among them (more than k duplicates of it come earlier in index order).
-    """
-    import faiss
-
-    index = faiss.IndexBinaryFlat(8 * reference.shape[1])
-    index.use_heap = False  # counting: equal distances in index order, by construction
-    index.add(reference.cpu().numpy())
-    extra = int(self_index is not None)
-    chunk_size = len(query) if chunk_size is None else chunk_size
-    for start in range(0, len(query), chunk_size):
-        chunk = query[start : start + chunk_size].cpu().numpy()
-        distances, indices = (torch.from_numpy(a) for a in index.search(chunk, k + extra))
-        if extra:
-            keep = indices != self_index[start : start + len(chunk), None].cpu()
-            keep[keep.all(dim=1), -1] = False
-            distances, indices = distances[keep].view(-1, k), indices[keep].view(-1, k)
-        yield start, distances, indices
 
 
 def hamming_neighbors(
