@@ -182,6 +182,17 @@ EXPECTED_KEYS = {
         "cost/batch_hard+EE/loss_saved_kib",
         "summary/multi_similarity+EE recall@1",
     ],
+    "08_fast_retrieval": [
+        "preset",
+        "test/recall@1",
+        "indexes/flat/recall@1",
+        "indexes/flat/10-recall@10",
+        "indexes/hnsw (ef_search 64)/10-recall@10",
+        "indexes/binary_flat/bytes per reference",
+        "save_load/same_neighbours",
+        "own_query/first_label",
+        "summary/exact recall@1",
+    ],
     "07_method_comparison": [
         "preset",
         "dataset",
@@ -246,6 +257,18 @@ def test_notebook_smoke(name, tmp_path, request):
     assert_sane(metrics)
     out = request.getfixturevalue("comparison_07")[0].parent if name == "07_method_comparison" else tmp_path  # fmt: skip
     assert_trained_as_planned(name, trainings(out))
+    if name == "08_fast_retrieval":
+        # Exact search is the ground truth of the speed-recall table; the saved index answers
+        # the same in another process; the file query returns its neighbours nearest first.
+        assert metrics["indexes"]["flat"]["10-recall@10"] == 1.0
+        assert metrics["save_load"]["same_neighbours"] is True
+        exact = [row for row in metrics["speed_recall"] if row["kind"] == "flat"]
+        assert len(exact) == 1 and exact[0]["10-recall@10"] == 1.0
+        assert {row["kind"] for row in metrics["speed_recall"]} >= {
+            "ivf_flat",
+            "hnsw",
+            "binary_flat",
+        }
     if name == "01_triplet_baseline":
         for method in metrics["methods"].values():
             # one Recall@1 per seed, and the recorded mean is their mean
@@ -301,6 +324,8 @@ def test_notebook_smoke_on_your_own_images(name, domains, tmp_path):
         assert "sizes/64/binary recall@1" in flat
     elif name == "05_ranking_regularizer":  # retrieval on the folder (closed set: Fashion-MNIST)
         assert "retrieval/two heads: ranking embedding/recall@1" in flat
+    elif name == "08_fast_retrieval":  # indexes over the folder's test classes
+        assert metrics["indexes"]["flat"]["10-recall@10"] == 1.0
     elif name == "07_method_comparison":  # its own results, beside its outputs
         assert metrics["results"] == str(tmp_path / "outputs" / "results")
         assert "methods/from ImageNet/batch_hard/recall@1" in flat

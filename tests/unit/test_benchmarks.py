@@ -215,8 +215,8 @@ def test_index_speed_grows_real_references_with_noisy_copies(tmp_path, monkeypat
     assert (data["source"], data["file_rows"], data["dim"]) == ("file", 300, 16)
     assert (data["real_references"], data["noisy_copies"], data["references"]) == (260, 740, 1000)
     noise = data["copy_noise"]
-    assert noise["relative"] == 0.5 and noise["typical_nn_distance"] > 0
-    assert noise["sigma_per_coordinate"] == pytest.approx(0.5 * noise["typical_nn_distance"] / 4)
+    assert noise["relative"] == 1.0 and noise["typical_nn_distance"] > 0
+    assert noise["sigma_per_coordinate"] == pytest.approx(noise["typical_nn_distance"] / 4)
     assert [r["kind"] for r in result["rows"]] == ["flat", "hnsw"]
 
     # the copies: unit vectors about relative x the typical neighbour distance from an original

@@ -130,6 +130,8 @@ def planned_trainings(
     if notebook == "06_embedding_expansion":
         ablations = len(c["points_sweep"]) + bool(c["projection_ablation"])
         return _count([(SCRATCH, epochs, 4 * seeds + ablations), (IMAGENET, tuned, 4 * seeds)])
+    if notebook == "08_fast_retrieval":  # one model; the lesson is the search
+        return _count([(SCRATCH, epochs, 1)])
     if notebook == "07_method_comparison":
         methods = compare.to_train(c)
         budget = {SCRATCH: epochs, IMAGENET: tuned}

@@ -304,6 +304,27 @@ NOTEBOOK_PRESETS["04_binarization"] = {
 }
 
 
+# Notebook 08 searches the embeddings of one model, trained as notebook 04's main NormSoftmax
+# run (notebook 01's image size and epochs, the same temperature): scale_references is the
+# size of the synthetic catalogue of its speed-recall table (the real references repeated
+# with noise, benchmarks/index_speed.py), search_queries the queries timed against it.
+_FAST_RETRIEVAL = {
+    "smoke": {"scale_references": 20_000, "search_queries": 200},
+    # 10^6 references x 128 dimensions: the benchmark took about 2 minutes on 2 idle cores.
+    "cpu": {"scale_references": 1_000_000, "search_queries": 1_000},
+    "gpu": {"scale_references": 1_000_000, "search_queries": 1_000},
+}
+NOTEBOOK_PRESETS["08_fast_retrieval"] = {
+    name: {
+        k: v
+        for k, v in NOTEBOOK_PRESETS["04_binarization"][name].items()
+        if k in (*_SHARED_WITH_01, "temperature")
+    }
+    | settings
+    for name, settings in _FAST_RETRIEVAL.items()
+}
+
+
 # Notebook 05: closed-set classification on Fashion-MNIST (closed_*: images per class of the
 # balanced training set and of the test set, at most 300; epochs; classes per batch of the
 # paper's 8 x 4 batches), long-tailed versions of it, and a sweep of the triplet's weight
