@@ -228,6 +228,19 @@ def assert_trained_as_planned(name: str, log: list[dict], **overrides) -> None:
     assert made == expected, f"{name}: (from ImageNet, epochs) trained {made}, planned {expected}"
 
 
+def assert_fast_retrieval(metrics: dict) -> None:
+    """Notebook 08's claims at any size: the saved index answers the same in another process,
+    the by-hand inverted file agrees with faiss's (the same k-means), and IVF-Flat finds no
+    fewer exact neighbours as it scans more cells (every scanned reference is ranked exactly)."""
+    assert metrics["save_load"]["same_neighbours"] is True
+    by_hand = metrics["ivf_by_hand"]
+    assert abs(by_hand["by hand"] - by_hand["faiss"]) <= 0.02, by_hand
+    ivf = [row["10-recall@10"] for row in metrics["speed_recall"] if row["kind"] == "ivf_flat"]
+    assert len(ivf) > 1 and ivf == sorted(ivf), ivf
+    kinds = {row["kind"] for row in metrics["speed_recall"]}
+    assert kinds >= {"flat", "ivf_flat", "hnsw", "binary_flat"}, kinds
+
+
 def test_every_notebook_has_a_smoke_test():
     names = {p.stem for p in NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb")}
     assert names == set(EXPECTED_KEYS), f"untested: {names - set(EXPECTED_KEYS)}"
@@ -258,17 +271,7 @@ def test_notebook_smoke(name, tmp_path, request):
     out = request.getfixturevalue("comparison_07")[0].parent if name == "07_method_comparison" else tmp_path  # fmt: skip
     assert_trained_as_planned(name, trainings(out))
     if name == "08_fast_retrieval":
-        # Exact search is the ground truth of the speed-recall table; the saved index answers
-        # the same in another process; the file query returns its neighbours nearest first.
-        assert metrics["indexes"]["flat"]["10-recall@10"] == 1.0
-        assert metrics["save_load"]["same_neighbours"] is True
-        exact = [row for row in metrics["speed_recall"] if row["kind"] == "flat"]
-        assert len(exact) == 1 and exact[0]["10-recall@10"] == 1.0
-        assert {row["kind"] for row in metrics["speed_recall"]} >= {
-            "ivf_flat",
-            "hnsw",
-            "binary_flat",
-        }
+        assert_fast_retrieval(metrics)
     if name == "01_triplet_baseline":
         for method in metrics["methods"].values():
             # one Recall@1 per seed, and the recorded mean is their mean
@@ -325,7 +328,7 @@ def test_notebook_smoke_on_your_own_images(name, domains, tmp_path):
     elif name == "05_ranking_regularizer":  # retrieval on the folder (closed set: Fashion-MNIST)
         assert "retrieval/two heads: ranking embedding/recall@1" in flat
     elif name == "08_fast_retrieval":  # indexes over the folder's test classes
-        assert metrics["indexes"]["flat"]["10-recall@10"] == 1.0
+        assert_fast_retrieval(metrics)
     elif name == "07_method_comparison":  # its own results, beside its outputs
         assert metrics["results"] == str(tmp_path / "outputs" / "results")
         assert "methods/from ImageNet/batch_hard/recall@1" in flat

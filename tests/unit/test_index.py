@@ -200,3 +200,50 @@ def test_search_images_names_a_missing_or_unreadable_file(tmp_path):
         load_query_images([tmp_path / "missing.png"], 24)
     with pytest.raises(ValueError, match="notes.png cannot be read as an image"):
         load_query_images([tmp_path / "notes.png"], 24)
+
+
+def test_saving_refuses_a_folder_that_is_not_an_index_and_leaves_it_alone(tmp_path):
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "cat.jpg").write_bytes(b"my photo")
+    with pytest.raises(FileExistsError, match="not a saved index"):
+        EmbeddingIndex(32).add(clustered(n=50)).save(tmp_path / "photos")
+    assert [p.name for p in (tmp_path / "photos").iterdir()] == ["cat.jpg"]
+
+
+def test_a_refused_add_changes_nothing():
+    x = clustered(n=500)
+    index, index_pq = EmbeddingIndex(32, "ivf_flat"), EmbeddingIndex(32, "ivf_pq")
+    with pytest.raises(ValueError, match="PQ codebooks"):
+        index_pq.add(x[:100])
+    index_pq.add(x)  # the failed add above did not fix nlist from its 100 rows
+    assert index_pq.params["nlist"] == min(int(4 * 500**0.5), 500 // 39)
+    index.add(x[:100], ids=np.arange(100))
+    with pytest.raises(ValueError, match="unique"):
+        index.add(x[100:110], ids=np.arange(95, 105))
+    with pytest.raises(ValueError, match="non-negative integers"):
+        index.add(x[100:102], ids=[-1, 7000])
+    assert len(index) == index._faiss.ntotal == 100
+    index.add(x[100:110])  # default ids continue after the largest
+    assert index.ids[-1] == 109
+
+
+def test_labels_are_saved_as_json_values(tmp_path):
+    x = clustered(n=30)
+    labels = [np.int64(1), None, "a"] * 10
+    index = EmbeddingIndex(32).add(x, labels=labels)
+    loaded = EmbeddingIndex.load(index.save(tmp_path / "index"))
+    assert loaded.labels[:3] == [1, None, "a"]
+    with pytest.raises(ValueError, match="labels must be strings, numbers or None"):
+        EmbeddingIndex(32).add(x[:2], labels=[object(), object()])
+
+
+def test_binary_index_checks_the_width_of_float_queries_and_load_checks_the_folder(tmp_path):
+    index = EmbeddingIndex(32, "binary_flat").add(clustered(n=40))
+    with pytest.raises(ValueError, match=r"shape \(2, 30\).*size 32"):
+        index.search(np.ones((2, 30), np.float32))
+    index.save(tmp_path / "index")
+    meta = json.loads((tmp_path / "index" / "meta.json").read_text())
+    meta["ids"] = meta["ids"][:-1]
+    (tmp_path / "index" / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="inconsistent"):
+        EmbeddingIndex.load(tmp_path / "index")

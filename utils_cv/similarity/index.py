@@ -114,7 +114,10 @@ class EmbeddingIndex:
         if dim < 1:
             raise ValueError(f"dim={dim} must be the embedding size, at least 1")
         if kind == "ivf_pq":
-            pq_bytes = pq_bytes or max(1, min(64, dim // 8))
+            # Default: the largest divisor of dim up to dim / 8 (and 64): about 4 bits per dimension.
+            pq_bytes = pq_bytes or max(
+                b for b in range(1, min(64, max(1, dim // 8)) + 1) if dim % b == 0
+            )
             if dim % pq_bytes:
                 raise ValueError(
                     f"pq_bytes={pq_bytes} must divide the embedding size dim={dim}; pick a "
@@ -135,18 +138,17 @@ class EmbeddingIndex:
         return f"EmbeddingIndex(kind={self.kind!r}, metric={self.metric!r}, dim={self.dim}, references={len(self)})"
 
     def _vectors(self, x, name: str) -> np.ndarray:
-        """Float rows as the index stores them (unit vectors for cosine), or packed codes."""
-        if self.kind == "binary_flat":
-            x = torch.as_tensor(x)
-            codes = x.numpy() if x.dtype == torch.uint8 else binarize(x)
-            width, expected = codes.shape[1], -(-self.dim // 8)
-            if codes.ndim != 2 or width != expected:
-                raise ValueError(
-                    f"{name} has {width} bytes of code per row but this index holds "
-                    f"{self.dim}-bit codes ({expected} bytes): embed with the index's model"
-                )
-            return np.ascontiguousarray(codes)
+        """Float rows as the index stores them (unit vectors for cosine, except "flat"), or
+        packed codes for "binary_flat" (given as codes, or float embeddings to binarize)."""
         x = torch.as_tensor(x)
+        if self.kind == "binary_flat" and x.dtype == torch.uint8:
+            expected = -(-self.dim // 8)
+            if x.ndim != 2 or x.shape[1] != expected:
+                raise ValueError(
+                    f"{name} has shape {tuple(x.shape)} but this index holds {self.dim}-bit "
+                    f"codes ({expected} bytes per row): embed with the index's model"
+                )
+            return np.ascontiguousarray(x.numpy())
         if x.ndim != 2 or x.shape[1] != self.dim or not x.is_floating_point():
             raise ValueError(
                 f"{name} has shape {tuple(x.shape)} ({x.dtype}) but this index holds float "
@@ -154,8 +156,12 @@ class EmbeddingIndex:
             )
         if not torch.isfinite(x).all():
             raise ValueError(f"{name} has NaN or inf values; check the model that made them")
+        if self.kind == "binary_flat":
+            return binarize(x)
         x = x.float()
-        if self.metric == "cosine":
+        # The flat kind searches with `nearest_neighbors`, which normalizes for cosine itself:
+        # normalizing twice would round differently from the evaluation.
+        if self.metric == "cosine" and self.kind != "flat":
             x = torch.nn.functional.normalize(x, dim=1)
         return np.ascontiguousarray(x.cpu().numpy())
 
@@ -173,25 +179,25 @@ class EmbeddingIndex:
             index = faiss.IndexHNSWFlat(self.dim, p["hnsw_m"], faiss_metric)
             index.hnsw.efSearch = p["ef_search"]
             return index
-        p["nlist"] = p["nlist"] or max(1, min(int(4 * np.sqrt(n)), n // 39))
-        quantizer = faiss.IndexFlatIP(self.dim) if ip else faiss.IndexFlatL2(self.dim)
-        if self.kind == "ivf_flat":
-            index = faiss.IndexIVFFlat(quantizer, self.dim, p["nlist"], faiss_metric)
-        else:
-            index = faiss.IndexIVFPQ(
-                quantizer, self.dim, p["nlist"], p["pq_bytes"], 8, faiss_metric
-            )
-        index.cp.seed = p["seed"]
-        self._quantizer = quantizer  # faiss holds a raw pointer: keep Python's reference
-        if n < p["nlist"] or (self.kind == "ivf_pq" and n < 256):
+        # Kept only once training succeeded: a failed first add must not fix nlist.
+        nlist = p["nlist"] or max(1, min(int(4 * np.sqrt(n)), n // 39))
+        if n < nlist or (self.kind == "ivf_pq" and n < 256):
             raise ValueError(
                 f"{self.kind} trains on the first references added: got {n}, but it needs at "
-                f"least nlist={p['nlist']}"
+                f"least nlist={nlist}"
                 + (" and 256 for the PQ codebooks" if self.kind == "ivf_pq" else "")
                 + "; add more references at once, lower nlist, or use kind='flat'"
             )
+        quantizer = faiss.IndexFlatIP(self.dim) if ip else faiss.IndexFlatL2(self.dim)
+        if self.kind == "ivf_flat":
+            index = faiss.IndexIVFFlat(quantizer, self.dim, nlist, faiss_metric)
+        else:
+            index = faiss.IndexIVFPQ(quantizer, self.dim, nlist, p["pq_bytes"], 8, faiss_metric)
+        index.cp.seed = p["seed"]
         index.train(x)
         index.nprobe = p["nprobe"]
+        self._quantizer = quantizer  # faiss holds a raw pointer: keep Python's reference
+        p["nlist"] = nlist
         return index
 
     def add(self, embeddings, labels=None, paths=None, ids=None) -> EmbeddingIndex:
@@ -208,16 +214,19 @@ class EmbeddingIndex:
                 raise ValueError(
                     f"{name} has {len(values)} entries for {n} embeddings; give one per row"
                 )
+        # Everything is checked before faiss takes the rows, so a refused add changes nothing.
+        start = self.ids.max() + 1 if len(self.ids) else 0
+        new_ids = np.arange(start, start + n) if ids is None else _as_ids(ids)
+        if len(np.intersect1d(new_ids, self.ids)) or len(np.unique(new_ids)) < n:
+            raise ValueError("ids must be unique, also against the ids already added")
+        new_labels = [None] * n if labels is None else _as_json_values(labels, "labels")
+        new_paths = [None] * n if paths is None else [None if p is None else str(p) for p in paths]
         if self._faiss is None:
             self._faiss = self._build(x)
         self._faiss.add(x)
-        start = len(self.ids)
-        new_ids = np.arange(start, start + n) if ids is None else np.asarray(ids, dtype=np.int64)
         self.ids = np.concatenate([self.ids, new_ids])
-        self.labels += list(np.asarray(labels).tolist()) if labels is not None else [None] * n
-        self.paths += (
-            [None if p is None else str(p) for p in paths] if paths is not None else [None] * n
-        )
+        self.labels += new_labels
+        self.paths += new_paths
         return self
 
     def search(
@@ -280,13 +289,18 @@ class EmbeddingIndex:
         if faiss.get_num_gpus() == 0:
             return self._faiss
         if getattr(self, "_gpu", None) is None or self._gpu.ntotal != self._faiss.ntotal:
-            self._gpu_resources = faiss.StandardGpuResources()
-            self._gpu = faiss.index_cpu_to_gpu(self._gpu_resources, 0, self._faiss)
+            options = faiss.GpuClonerOptions()
+            options.useFloat16 = True  # IVF-PQ's lookup tables must fit the GPU's shared memory
+            try:
+                self._gpu_resources = faiss.StandardGpuResources()
+                self._gpu = faiss.index_cpu_to_gpu(self._gpu_resources, 0, self._faiss, options)
+            except RuntimeError:  # a setting faiss's GPU index refuses: search on the CPU
+                return self._faiss
         self._gpu.nprobe = self.params["nprobe"]
         return self._gpu
 
     def _stored(self) -> np.ndarray:
-        """The stored rows, read from faiss's memory without a copy (the exact kinds)."""
+        """The stored rows of the exact kinds (float: a view of faiss's memory; codes: a copy)."""
         import faiss
 
         index = self._faiss
@@ -319,10 +333,11 @@ class EmbeddingIndex:
         return int(serialize(self._faiss).nbytes)
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the index to the folder `path` (index.faiss and meta.json), replacing it whole.
+        """Write the index to the folder `path` (index.faiss and meta.json).
 
-        The folder is written beside its final place and renamed, so an interrupted save
-        leaves the previous index intact.
+        The folder is written beside its final place and renamed into it; a previous index
+        there is replaced (moved aside first, removed last). A folder that holds anything
+        else is refused, never emptied.
         """
         import faiss
 
@@ -335,16 +350,23 @@ class EmbeddingIndex:
             "params": self.params, "model": self.model, "ids": self.ids.tolist(),
             "labels": self.labels, "paths": self.paths, "faiss": faiss.__version__,
         }  # fmt: skip
+        if path.exists() and sorted(p.name for p in path.iterdir()) != ["index.faiss", "meta.json"]:
+            raise FileExistsError(
+                f"{path} exists and is not a saved index; save to a new or empty folder "
+                "(an index is only ever saved over an index)"
+            )
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        old = path.parent / f"{tmp.name}.old"
         try:
             write = faiss.write_index_binary if self.kind == "binary_flat" else faiss.write_index
             write(self._faiss, str(tmp / "index.faiss"))
             (tmp / "meta.json").write_text(json.dumps(meta))
             if path.exists():
-                shutil.rmtree(path)
+                path.rename(old)  # kept until the new folder is in place
             tmp.rename(path)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(old, ignore_errors=True)
         return path
 
     @classmethod
@@ -372,5 +394,33 @@ class EmbeddingIndex:
         index._faiss = read(str(files[1]))
         index.ids = np.asarray(meta["ids"], dtype=np.int64)
         index.labels, index.paths = meta["labels"], meta["paths"]
+        binary = meta["kind"] == "binary_flat"
+        width = 8 * -(-meta["dim"] // 8) if binary else meta["dim"]  # bits or dimensions
+        sizes = {len(index.ids), len(index.labels), len(index.paths), index._faiss.ntotal}
+        if len(sizes) != 1 or index._faiss.d != width:
+            raise ValueError(
+                f"{path} is inconsistent: index.faiss and meta.json disagree on the number or "
+                "width of the references; build the index and save it again"
+            )
         index.set_search_params(p["nprobe"], p["ef_search"])
         return index
+
+
+def _as_ids(ids) -> np.ndarray:
+    ids = np.asarray(ids)
+    if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer) or (ids < 0).any():
+        raise ValueError("ids must be non-negative integers (-1 means 'not found' in results)")
+    return ids.astype(np.int64)
+
+
+def _as_json_values(values, name: str) -> list:
+    """Python values (numpy scalars turned into numbers), refused unless JSON can save them."""
+    values = values.tolist() if hasattr(values, "tolist") else list(values)
+    values = [v.item() if isinstance(v, np.generic) else v for v in values]
+    try:
+        json.dumps(values)
+    except TypeError as error:
+        raise ValueError(
+            f"{name} must be strings, numbers or None, to be saved ({error})"
+        ) from None
+    return values

@@ -212,13 +212,17 @@ class RetrievalBrowser:
         return self._ui.box
 
     def _safely(self, action, value) -> None:
-        """Run a widget's action; show a ValueError above the tiles instead of in a log."""
+        """Run a widget's action; show its error above the tiles, where the user looks, rather
+        than in the widget log (ValueError: a bad request; anything else, e.g. out of memory)."""
         if self._drawing or value is None or value == ():
             return
         try:
             action(value)
-        except ValueError as error:
-            self._ui.status.value = f"<b style='color:red'>{html.escape(str(error))}</b>"
+        except Exception as error:  # a widget callback has no caller to raise to
+            text = (
+                str(error) if isinstance(error, ValueError) else f"{type(error).__name__}: {error}"
+            )
+            self._ui.status.value = f"<b style='color:red'>{html.escape(text)}</b>"
         finally:
             self._drawing = True
             self._ui.upload.value = ()  # empty, so that the same file can be uploaded again
