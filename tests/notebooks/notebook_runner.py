@@ -6,6 +6,7 @@ import json
 import math
 import os
 from pathlib import Path
+from unittest import mock
 
 import papermill
 
@@ -51,9 +52,8 @@ def run_notebook(name: str, output_dir: Path, **parameters) -> dict:
     assert not unknown, f"{name} has no parameter(s) {unknown}; it declares {sorted(declared)}"
     log = output_dir / TRAININGS
     log.unlink(missing_ok=True)
-    before = os.environ.get(TRAINING_LOG)
-    os.environ[TRAINING_LOG] = str(log)  # the kernel inherits it: one line per training
-    try:
+    # The kernel inherits the variable: one line per training; the old value comes back after.
+    with mock.patch.dict(os.environ, {TRAINING_LOG: str(log)}):
         papermill.execute_notebook(
             str(path),
             str(output_dir / f"{name}.ipynb"),
@@ -62,11 +62,6 @@ def run_notebook(name: str, output_dir: Path, **parameters) -> dict:
             kernel_name="python3",
             progress_bar=False,
         )
-    finally:
-        if before is None:
-            del os.environ[TRAINING_LOG]
-        else:
-            os.environ[TRAINING_LOG] = before
     metrics_file = output_dir / "metrics.json"
     assert metrics_file.exists(), f"{name} did not record {metrics_file}"
     return json.loads(metrics_file.read_text())

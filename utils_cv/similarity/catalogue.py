@@ -75,6 +75,25 @@ def load_query_images(
     return _to_tensor(images)
 
 
+def query_image_size(index: EmbeddingIndex) -> int:
+    """The size query images are loaded at for ``index``: its model's, which it must know."""
+    if index.model is None:
+        raise ValueError(
+            "this index does not say which model made it, so image files cannot be embedded "
+            "for it; build it with index_images or EmbeddingIndex(..., model=model_identity(...))"
+        )
+    return index.model["image_size"]
+
+
+def query_embeddings(
+    model: torch.nn.Module, index: EmbeddingIndex, images: torch.Tensor, device=None
+) -> tuple[torch.Tensor, dict]:
+    """Embeddings of query images loaded at ``query_image_size(index)``, and ``model``'s
+    identity, which ``index`` checks against its own when searching them."""
+    identity = model_identity(model, query_image_size(index), index.model["name"])
+    return embed(model, images, device=device), identity
+
+
 def search_images(
     model: torch.nn.Module,
     index: EmbeddingIndex,
@@ -90,14 +109,8 @@ def search_images(
     """
     if isinstance(paths, str | os.PathLike):
         paths = [paths]
-    if index.model is None:
-        raise ValueError(
-            "this index does not say which model made it, so image files cannot be embedded "
-            "for it; build it with index_images or EmbeddingIndex(..., model=model_identity(...))"
-        )
-    image_size = index.model["image_size"]
-    identity = model_identity(model, image_size, index.model["name"])
-    embeddings = embed(model, load_query_images(paths, image_size), device=device)
+    images = load_query_images(paths, query_image_size(index))
+    embeddings, identity = query_embeddings(model, index, images, device)
     distances, positions = index._search(embeddings, k, identity)
     return [
         [

@@ -49,8 +49,9 @@ class DistributedPKSampler:
         classes_per_batch: P, per rank; the global batch has P * world_size classes.
         samples_per_class: K.
         rank, world_size: this process's place; None reads them from torch.distributed.
-        num_batches: steps per epoch; default N // (P * K * world_size), at least 1, so that
-            an epoch over all ranks shows about as many images as the dataset holds.
+        num_batches: steps per epoch; default N // (P * K * world_size), at least 1 (the
+            global sampler's default), so that an epoch over all ranks shows about as many
+            images as the dataset holds.
         seed: the same on every rank (it is what makes the ranks agree).
 
     Yields lists of P * K dataset indices, K of each class, like `ClassBalancedBatchSampler`.
@@ -72,9 +73,6 @@ class DistributedPKSampler:
         world_size = default_world if world_size is None else world_size
         if not 0 <= rank < world_size:
             raise ValueError(f"rank={rank} must lie in 0..{world_size - 1} (world_size)")
-        if num_batches is None:
-            total = len(labels)
-            num_batches = max(1, total // (classes_per_batch * samples_per_class * world_size))
         self.rank, self.world_size = rank, world_size
         self.batch_size = classes_per_batch * samples_per_class
         self.global_sampler = ClassBalancedBatchSampler(

@@ -37,7 +37,7 @@ import torch
 
 import utils_cv
 from utils_cv.similarity.binary import binarize
-from utils_cv.similarity.search import nearest_neighbors
+from utils_cv.similarity.search import _as_embeddings, nearest_neighbors
 
 KINDS = ("flat", "ivf_flat", "ivf_pq", "hnsw", "binary_flat")
 FLOAT_METRICS = ("cosine", "euclidean", "squared_euclidean")
@@ -154,8 +154,7 @@ class EmbeddingIndex:
                 f"{name} has shape {tuple(x.shape)} ({x.dtype}) but this index holds float "
                 f"embeddings of size {self.dim}: embed with the index's model"
             )
-        if not torch.isfinite(x).all():
-            raise ValueError(f"{name} has NaN or inf values; check the model that made them")
+        x = _as_embeddings(x, name)  # refuses NaN and inf rows, naming them
         if self.kind == "binary_flat":
             return binarize(x)
         x = x.float()

@@ -179,6 +179,18 @@ def _prepared(
     return _prepare(query.to(device), metric), reference
 
 
+def _chunk_plan(
+    query: torch.Tensor, reference: torch.Tensor, metric: str, chunk_size: int | None, itemsize: int
+) -> tuple[int, torch.Tensor | None]:
+    """Queries per chunk (by default, as many as fill `BLOCK_BYTES` of scores against all
+    references) and the references' squared norms where the metric's scores need them."""
+    if chunk_size is None:
+        chunk_size = max(1, BLOCK_BYTES // (itemsize * len(reference)))
+    euclidean = metric in ("euclidean", "squared_euclidean")
+    reference_sq = (reference * reference).sum(dim=1) if euclidean else None
+    return min(chunk_size, len(query)), reference_sq
+
+
 def _score_blocks(
     query: torch.Tensor,
     reference: torch.Tensor,
@@ -195,11 +207,7 @@ def _score_blocks(
     device = reference.device
     # Popcount gives int32 Hamming distances; everything else scores in the reference's type.
     dtype = reference.dtype if reference.is_floating_point() else torch.int32
-    if chunk_size is None:
-        chunk_size = max(1, BLOCK_BYTES // (dtype.itemsize * len(reference)))
-    chunk_size = min(chunk_size, len(query))
-    euclidean = metric in ("euclidean", "squared_euclidean")
-    reference_sq = (reference * reference).sum(dim=1) if euclidean else None
+    chunk_size, reference_sq = _chunk_plan(query, reference, metric, chunk_size, dtype.itemsize)
     block = torch.empty(chunk_size, len(reference), dtype=dtype, device=device)
     excluded = torch.inf if dtype.is_floating_point else torch.iinfo(dtype).max
     for start in range(0, len(query), chunk_size):
@@ -266,11 +274,7 @@ def _heap_chunks(
     OMP_WAIT_POLICY=PASSIVE helps), where full blocks and `torch.topk` cost about 1.3 times
     the products on idle cores.
     """
-    if chunk_size is None:
-        chunk_size = max(1, BLOCK_BYTES // (4 * len(reference)))
-    chunk_size = min(chunk_size, len(query))
-    euclidean = metric in ("euclidean", "squared_euclidean")
-    reference_sq = (reference * reference).sum(dim=1) if euclidean else None
+    chunk_size, reference_sq = _chunk_plan(query, reference, metric, chunk_size, itemsize=4)
     buffer = torch.empty(chunk_size * min(TILE, len(reference)))
     kept = k + int(self_index is not None)
 

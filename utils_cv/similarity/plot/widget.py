@@ -105,26 +105,24 @@ class RetrievalBrowser:
 
     def upload(self, content: bytes) -> None:
         """Make an image file's bytes (JPEG, PNG, ...) the query, embedded by the model."""
-        from utils_cv.similarity.catalogue import load_query_images
-        from utils_cv.similarity.index import model_identity
-        from utils_cv.similarity.models import embed
+        from utils_cv.similarity.catalogue import (
+            load_query_images,
+            query_embeddings,
+            query_image_size,
+        )
 
         if self.model is None:
             raise ValueError(
                 "an uploaded image needs the embedding model: RetrievalBrowser(..., model=model)"
             )
-        made_by = self.indexes[self.kind].model
-        if made_by is None:
-            raise ValueError(
-                f"the {self.kind!r} index does not say which model made it, so its image size is "
-                "unknown; build it with EmbeddingIndex(..., model=model_identity(model, size))"
-            )
+        index = self.indexes[self.kind]
+        size = query_image_size(index)
         try:
-            image = load_query_images([io.BytesIO(bytes(content))], made_by["image_size"])
+            image = load_query_images([io.BytesIO(bytes(content))], size)
         except ValueError:
             raise ValueError("the uploaded file is not an image; upload a JPEG or a PNG") from None
-        identity = model_identity(self.model, made_by["image_size"], made_by["name"])
-        self._update(self.kind, None, image[0].numpy(), embed(self.model, image), identity)
+        embedding, identity = query_embeddings(self.model, index, image)
+        self._update(self.kind, None, image[0].numpy(), embedding, identity)
 
     def click(self, rank: int) -> None:
         """Make the result at ``rank`` (0 = nearest) the query."""
