@@ -229,3 +229,16 @@ def test_index_speed_grows_real_references_with_noisy_copies(tmp_path, monkeypat
     copies = np.sort(nearest)[200:]
     expected = 0.5 * info["typical_nn_distance"]
     assert 0.6 * expected < np.median(copies) < 1.2 * expected
+
+
+def test_distributed_speed_times_the_same_steps_on_one_and_two_processes(tmp_path):
+    result = run_script(
+        "distributed_speed.py", tmp_path, "--preset", "smoke", "--epochs", "1",
+        "--processes", "1", "2",
+    )  # fmt: skip
+    one, two = result["runs"]
+    assert (one["processes"], two["processes"]) == (1, 2)
+    assert one["steps"] == two["steps"] > 0  # the batch is global: the same steps, split
+    for row in (one, two):
+        assert row["ms_per_step"] == pytest.approx(1000 * row["seconds"] / row["steps"], rel=0.05)
+        assert 0 <= row["recall@1"] <= 1

@@ -273,10 +273,24 @@ def train_method(
 ) -> dict[str, Any]:
     """Train ``method`` in ``setting`` on one seed and return its record (``make_record``;
     ``fingerprint``: the setting's ``data_fingerprint`` when the caller has it already)."""
+    run = run_method(method, setting, config, seed, ee_base, **learner_kwargs)
+    return make_record(method, setting, config, seed, run, ee_base, fingerprint)
+
+
+def run_method(
+    method: str,
+    setting: Setting,
+    config: Mapping[str, Any],
+    seed: int,
+    ee_base: str | None = None,
+    **learner_kwargs,
+) -> Run:
+    """``train_run`` of ``method``'s recipe in ``setting`` on one seed (on every process of a
+    launch: utils_cv.similarity.launch)."""
     recipe = method_recipe(method, setting, config, ee_base)
     _, trained_with, balanced = resolve(method, config)
     P, K = trained_with["classes_per_batch"], trained_with["samples_per_class"]
-    run = train_run(
+    return train_run(
         recipe["model"],
         recipe["loss"],
         **setting.budget,
@@ -290,7 +304,6 @@ def train_method(
         nmi=True,
         **learner_kwargs,
     )
-    return make_record(method, setting, config, seed, run, ee_base, fingerprint)
 
 
 def make_record(

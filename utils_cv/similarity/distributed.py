@@ -1,36 +1,53 @@
-"""Pair-based losses on several processes: a per-rank P x K sampler and gathered embeddings.
+"""Training and evaluation on several processes: fastai's DDP (through Accelerate), per-rank
+batches, gathered embeddings and sharded evaluation. docs/distributed.md tells how to launch.
 
-With data parallelism (DDP) each process ("rank") embeds its own batch. A triplet, multi-
-similarity or Embedding Expansion loss computed on that batch alone only mines negatives
-among the rank's own images; the global batch is what the single-process recipe sees. So:
+Launch a script that calls ``train_run`` with ``torchrun --nproc_per_node N script.py`` (or
+``accelerate launch``): each process ("rank") joins the process group through Accelerate
+(``init_distributed``: NCCL and its own GPU where CUDA is available, gloo on the CPU), and
+``make_learner`` adds ``DistributedTraining``, fastai's ``DistributedTrainer``, which wraps the
+model and the loss in ``DistributedDataParallel`` for each fit. The same ``train_run`` call
+trains the same recipe on 1 or N processes: its batch is the global batch, split among them.
 
-- `DistributedPKSampler` gives every rank, at every step, P classes x K images, and the ranks
-  of one step distinct classes: all ranks draw the same global P x world_size batch from one
-  seeded `ClassBalancedBatchSampler` and each keeps its own P classes. The epoch length is
-  the same on every rank by construction.
-- `gather_batch` all-gathers the embeddings and labels of one step, in rank order, keeping
-  the autograd graph of the local rows only: the loss of the gathered batch is the loss of
-  the global batch, and its gradient reaches each rank's own embeddings, as in
-  pytorch-metric-learning's `DistributedLossWrapper`. `GatheredLoss` wraps any loss with it.
+What metric learning needs on top of plain data parallelism:
 
-Every rank then computes the same loss on the same global batch, and the gradient of its own
-rows is the single-process gradient of those rows (tests/unit/test_distributed.py checks
-both with two processes). DDP averages the parameter gradients over ranks, so they come out
-1 / world_size of the single-process ones: scale the loss by world_size (`GatheredLoss`
-does, `scale=True`) to keep the single-process learning rate. Losses with their own
-parameters (ProxyNCA's proxies, NormSoftmax's class weights) need no gathering: they are
-parameters that DDP keeps in sync when the loss is part of the DDP module.
+- **Per-rank P x K batches.** ``DistributedPKSampler`` gives every rank, at every step, P
+  classes x K images, and the ranks of one step distinct classes: all ranks draw the same
+  global batch from one seeded ``ClassBalancedBatchSampler`` and each keeps its own slice.
+  ``DistributedRandomBatches`` does the same for random batches. The epoch length is the same
+  on every rank by construction.
+- **Gathered embeddings.** A triplet, multi-similarity or EE loss computed on a rank's batch
+  alone would mine negatives among that rank's images only. ``gather_batch`` all-gathers the
+  embeddings (or a model's dict of outputs) and labels of a step in rank order, keeping the
+  autograd graph of the local rows, as pytorch-metric-learning's ``DistributedLossWrapper``
+  does; ``GatheredLoss`` computes a loss on that global batch. Every rank then computes the
+  single-process loss of the global batch, and the gradient of its own rows is the
+  single-process gradient of those rows (tests/unit/test_distributed.py checks both). DDP
+  averages the parameter gradients over the ranks, so ``GatheredLoss`` multiplies the gradient
+  (not the value) by the number of ranks, keeping the single-process learning rate.
+- **Losses with parameters are not gathered.** Softmax, NormSoftmax and ProxyNCA are means
+  over the images of the batch: each rank's mean and DDP's average of the gradients give the
+  gradient of the global mean, and their class weights or proxies are parameters of the DDP
+  module, kept in sync like the network's (``distributed_loss`` picks).
+- **Sharded evaluation.** ``embed_sharded``: rank r embeds batches r, r + N, r + 2N, ... of the
+  single-process batching, and every rank gets all the rows, in order: the metrics equal the
+  single-process ones exactly (same batches, same model: the BatchNorm statistics of rank 0
+  are copied to all ranks first).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import os
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from fastai.data.core import TfmdDL
+from fastai.distributed import DistributedTrainer
 from torch import nn
 
+from utils_cv.common.device import get_device
+from utils_cv.similarity.models import embed
 from utils_cv.similarity.samplers import ClassBalancedBatchSampler
 
 
@@ -41,7 +58,44 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
-class DistributedPKSampler:
+def launched() -> bool:
+    """Whether a launcher (torchrun, accelerate launch) started this process as one of several."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init_distributed() -> torch.device:
+    """This process's device. In a launched process, first join the launcher's process group
+    through Accelerate (``PartialState``): NCCL and the GPU of the local rank where CUDA is
+    available, gloo on the CPU. Outside a launch: ``get_device()``. Safe to call again."""
+    if not launched():
+        return get_device()
+    from accelerate import PartialState  # only launched runs need Accelerate
+
+    return PartialState(cpu=not torch.cuda.is_available()).device
+
+
+class _RankSlices:
+    """Rank r's slice of every batch of a global batch sampler (the same on every rank)."""
+
+    def __init__(self, rank: int | None, world_size: int | None, batch_size: int):
+        default_rank, default_world = world()
+        rank = default_rank if rank is None else rank
+        world_size = default_world if world_size is None else world_size
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank={rank} must lie in 0..{world_size - 1} (world_size)")
+        self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
+        self.global_sampler: Iterable[Sequence[int]] = []
+
+    def __len__(self) -> int:
+        return len(self.global_sampler)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        start = self.rank * self.batch_size
+        for batch in self.global_sampler:
+            yield list(batch[start : start + self.batch_size])
+
+
+class DistributedPKSampler(_RankSlices):
     """P x K batches for one rank; the ranks of a step hold distinct classes.
 
     Args:
@@ -54,7 +108,8 @@ class DistributedPKSampler:
             images as the dataset holds.
         seed: the same on every rank (it is what makes the ranks agree).
 
-    Yields lists of P * K dataset indices, K of each class, like `ClassBalancedBatchSampler`.
+    Yields lists of P * K dataset indices, K of each class, like `ClassBalancedBatchSampler`;
+    the ranks' batches of one step, in rank order, are the global sampler's batch.
     """
 
     def __init__(
@@ -68,39 +123,87 @@ class DistributedPKSampler:
         num_batches: int | None = None,
         seed: int = 0,
     ):
-        default_rank, default_world = world()
-        rank = default_rank if rank is None else rank
-        world_size = default_world if world_size is None else world_size
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank={rank} must lie in 0..{world_size - 1} (world_size)")
-        self.rank, self.world_size = rank, world_size
-        self.batch_size = classes_per_batch * samples_per_class
+        super().__init__(rank, world_size, classes_per_batch * samples_per_class)
+        # A global batch is K images of one class, then K of the next: rank r's P classes
+        # are one contiguous slice of it.
         self.global_sampler = ClassBalancedBatchSampler(
             labels,
-            classes_per_batch * world_size,
+            classes_per_batch * self.world_size,
             samples_per_class,
             num_batches=num_batches,
             seed=seed,
         )
 
+
+class DistributedRandomBatches(_RankSlices):
+    """Random batches of ``batch_size`` images for one rank: every epoch one seeded shuffle of
+    all ``num_items`` images, shared by the ranks, cut into global batches of ``batch_size *
+    world_size`` (the last incomplete one dropped), each split among the ranks in rank order.
+    """
+
+    def __init__(
+        self,
+        num_items: int,
+        batch_size: int,
+        *,
+        rank: int | None = None,
+        world_size: int | None = None,
+        seed: int = 0,
+    ):
+        super().__init__(rank, world_size, batch_size)
+        if batch_size < 1 or num_items < batch_size * self.world_size:
+            raise ValueError(
+                f"{num_items} images make no batch of {batch_size} per process x "
+                f"{self.world_size} processes; lower the batch size"
+            )
+        self.global_sampler = _ShuffledBatches(num_items, batch_size * self.world_size, seed)
+
+
+class _ShuffledBatches:
+    """Every pass a new permutation of range(num_items) (torch.randperm from one seeded
+    generator, as ``DeviceDataLoader``'s shuffle), cut into full batches."""
+
+    def __init__(self, num_items: int, batch_size: int, seed: int):
+        self.num_items, self.batch_size = num_items, batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+
     def __len__(self) -> int:
-        return len(self.global_sampler)
+        return self.num_items // self.batch_size
 
     def __iter__(self) -> Iterator[list[int]]:
-        # A global batch is K images of one class, then K of the next: rank r's P classes
-        # are one contiguous slice of it.
-        start = self.rank * self.batch_size
-        for batch in self.global_sampler:
-            yield batch[start : start + self.batch_size]
+        order = torch.randperm(self.num_items, generator=self.generator).tolist()
+        for start in range(0, len(self) * self.batch_size, self.batch_size):
+            yield order[start : start + self.batch_size]
+
+
+class _ScaleGradient(torch.autograd.Function):
+    """Identity forward; the gradient times ``factor`` backward."""
+
+    @staticmethod
+    def forward(ctx, value: torch.Tensor, factor: float) -> torch.Tensor:
+        ctx.factor = factor
+        return value.view_as(value)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad * ctx.factor, None
+
+
+def _gather_rows(rows: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
+    parts = [torch.empty_like(rows) for _ in range(world_size)]
+    dist.all_gather(parts, rows.detach().contiguous())
+    parts[rank] = rows  # the local rows keep their graph
+    return torch.cat(parts)
 
 
 def gather_batch(
-    embeddings: torch.Tensor, labels: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+    embeddings: torch.Tensor | dict[str, torch.Tensor], labels: torch.Tensor
+) -> tuple[torch.Tensor | dict[str, torch.Tensor], torch.Tensor]:
     """The step's embeddings and labels of all ranks, in rank order; gradients reach only
     this rank's rows (the others are copies). Outside a process group: the inputs.
 
-    embeddings: (B, D) float, labels: (B,) int; B must be the same on every rank.
+    embeddings: (B, D) float, or a dict of (B, ...) tensors (a model's ``training_outputs``,
+    each gathered); labels: (B,) int; B must be the same on every rank.
     """
     rank, world_size = world()
     if world_size == 1:
@@ -110,28 +213,118 @@ def gather_batch(
     if len({int(s) for s in sizes}) != 1:
         raise ValueError(
             f"every rank needs the same batch size to gather, got {[int(s) for s in sizes]}; "
-            "use DistributedPKSampler (or drop_last=True)"
+            "use DistributedPKSampler or DistributedRandomBatches"
         )
-    parts = [torch.empty_like(embeddings) for _ in range(world_size)]
-    dist.all_gather(parts, embeddings.detach().contiguous())
-    parts[rank] = embeddings  # the local rows keep their graph
-    label_parts = [torch.empty_like(labels) for _ in range(world_size)]
-    dist.all_gather(label_parts, labels.contiguous())
-    return torch.cat(parts), torch.cat(label_parts)
+    if isinstance(embeddings, dict):
+        gathered = {k: _gather_rows(v, rank, world_size) for k, v in embeddings.items()}
+    else:
+        gathered = _gather_rows(embeddings, rank, world_size)
+    return gathered, _gather_rows(labels, rank, world_size)
 
 
 class GatheredLoss(nn.Module):
     """``loss`` on the gathered batch of all ranks (`gather_batch`).
 
-    scale: multiply by world_size, so that DDP's average of the parameter gradients over
-    ranks equals the single-process gradient (each rank's loss reaches only its own rows).
+    scale: multiply the gradient (not the value) by world_size, so that DDP's average of the
+    parameter gradients over ranks equals the single-process gradient (each rank's loss
+    reaches only its own rows). ``stats`` are the wrapped loss's, of the global batch.
     """
 
     def __init__(self, loss: nn.Module, scale: bool = True):
         super().__init__()
         self.loss, self.scale = loss, scale
 
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    @property
+    def stats(self) -> dict:
+        return getattr(self.loss, "stats", {})
+
+    def forward(
+        self, embeddings: torch.Tensor | dict[str, torch.Tensor], labels: torch.Tensor
+    ) -> torch.Tensor:
         gathered, gathered_labels = gather_batch(embeddings, labels)
         value = self.loss(gathered, gathered_labels)
-        return value * world()[1] if self.scale else value
+        world_size = world()[1]
+        return _ScaleGradient.apply(value, world_size) if self.scale and world_size > 1 else value
+
+
+def distributed_loss(loss: nn.Module) -> nn.Module:
+    """What a rank trains with: a loss without parameters (triplet, multi-similarity, EE, the
+    ranking regularizer) on the gathered batch (``GatheredLoss``); a loss with parameters
+    (softmax, NormSoftmax, ProxyNCA: means over the images) on the rank's own batch."""
+    if isinstance(loss, GatheredLoss) or any(True for _ in loss.parameters()):
+        return loss
+    return GatheredLoss(loss)
+
+
+def _sync_buffers(model: nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm statistics) on every rank. DDP copies them before each
+    training forward pass, so after the last one each rank holds its own."""
+    for buffer in model.buffers():
+        dist.broadcast(buffer, 0)
+
+
+def embed_sharded(
+    model: nn.Module, images: torch.Tensor, batch_size: int = 256, **kwargs
+) -> torch.Tensor:
+    """``models.embed`` shared among the ranks; every rank returns all (N, D) rows, in order.
+
+    Rank r embeds batches r, r + N, r + 2N, ... of ``embed``'s batching, so each row comes from
+    the same forward pass as in one process, with rank 0's BatchNorm statistics (copied to
+    every rank first). Outside a process group: ``embed``. ``kwargs`` go to ``embed``.
+    """
+    rank, world_size = world()
+    if world_size == 1 or len(images) == 0:
+        return embed(model, images, batch_size, **kwargs)
+    _sync_buffers(model)
+    starts = range(0, len(images), batch_size)
+    mine = [
+        embed(model, images[s : s + batch_size], batch_size, **kwargs)
+        for s in starts[rank::world_size]
+    ]
+    # The NCCL backend moves CUDA tensors only; gloo moves CPU ones.
+    device = (
+        torch.device("cuda", torch.cuda.current_device())
+        if dist.get_backend() == "nccl"
+        else torch.device("cpu")
+    )
+    width = torch.tensor([mine[0].shape[1] if mine else 0], device=device)
+    dist.all_reduce(width, op=dist.ReduceOp.MAX)  # a rank may have no batch
+    slots = -(-len(starts) // world_size)
+    block = torch.zeros(slots * batch_size, int(width), device=device)
+    for slot, rows in enumerate(mine):
+        block[slot * batch_size : slot * batch_size + len(rows)] = rows.to(device)
+    blocks = [torch.empty_like(block) for _ in range(world_size)]
+    dist.all_gather(blocks, block)
+    rows = []
+    for b, start in enumerate(starts):
+        at = (b // world_size) * batch_size
+        rows.append(blocks[b % world_size][at : at + min(batch_size, len(images) - start)])
+    return torch.cat(rows).cpu()
+
+
+class DistributedTraining(DistributedTrainer):
+    """fastai's ``DistributedTrainer`` (DDP through Accelerate) for ``make_learner``'s learners.
+
+    Each fit wraps the model (and the loss's parameters, which live in ``ModelWithLoss``) in
+    DDP, with BatchNorm synchronized across the GPUs (``nn.SyncBatchNorm``; PyTorch has no CPU
+    version, so on the CPU each rank normalizes with its own batch's statistics). The loss
+    becomes ``distributed_loss(loss)`` for the fit. The data loaders are left alone: their
+    per-rank batch samplers already give each rank its share (fastai's ``DistributedDL`` only
+    wraps fastai's own loaders).
+    """
+
+    def __init__(self):
+        cuda = torch.cuda.is_available()
+        super().__init__(sync_bn=cuda, cpu=not cuda)
+
+    def _wrap_dl(self, dl):
+        return super()._wrap_dl(dl) if isinstance(dl, TfmdDL) else dl
+
+    def before_fit(self):
+        super().before_fit()
+        self._loss = self.learn.loss_func
+        self.learn.loss_func = distributed_loss(self._loss)
+
+    def after_fit(self):
+        self.learn.loss_func = self._loss
+        super().after_fit()

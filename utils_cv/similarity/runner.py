@@ -26,6 +26,12 @@ The phases of one run, in order, ``epochs`` in all:
 
 With ``val``, each phase ends by restoring the best epoch so far (``RetrievalCallback``),
 so the next phase starts from it, and the run ends with the best epoch of all phases.
+
+The same call trains on several processes when a launcher starts it (``torchrun
+--nproc_per_node N script.py``; docs/distributed.md): the batch (``batch_size``, or
+``classes_per_batch`` x ``samples_per_class``) is the global batch, split among the
+processes, so the recipe and its learning rate stay those of one process; each process
+returns the same ``Run``.
 """
 
 from __future__ import annotations
@@ -46,8 +52,13 @@ from torch import nn
 
 from utils_cv.common.device import set_seed
 from utils_cv.similarity.datasets import ImageData
+from utils_cv.similarity.distributed import (
+    DistributedPKSampler,
+    embed_sharded,
+    init_distributed,
+    world,
+)
 from utils_cv.similarity.metrics import retrieval_metrics
-from utils_cv.similarity.models import embed
 from utils_cv.similarity.samplers import ClassBalancedBatchSampler
 from utils_cv.similarity.training import (
     RetrievalCallback,
@@ -145,6 +156,7 @@ def train_run(
         batch_size: images per batch for random batches (ignored with P x K batches).
         classes_per_batch, samples_per_class: both given: class-balanced P x K batches
             (``ClassBalancedBatchSampler``); both None: random batches of ``batch_size``.
+            On N processes each gets P / N of the classes (``DistributedPKSampler``).
         frozen_epochs: epochs that train only what lies outside ``model.backbone``.
         warmup_loss, warmup_epochs: another loss for the first epochs after the frozen ones.
         warmup_lr: the learning rate of both warm-ups; None: ``lr``.
@@ -178,6 +190,13 @@ def train_run(
             "weights of the last epoch of a fixed budget",
             stacklevel=2,
         )
+    init_distributed()  # in a launched process: join the others before the sampler
+    rank, world_size = world()
+    if classes_per_batch is not None and classes_per_batch % world_size:
+        raise ValueError(
+            f"classes_per_batch={classes_per_batch} does not split among {world_size} "
+            f"processes; use a multiple of {world_size}"
+        )
     set_seed(seed)
     model = _build(model)
     loss = _build(loss)
@@ -189,7 +208,11 @@ def train_run(
             f"{type(model).__name__} has none"
         )
     sampler = None
-    if classes_per_batch is not None:
+    if classes_per_batch is not None and world_size > 1:
+        sampler = DistributedPKSampler(
+            train.labels, classes_per_batch // world_size, samples_per_class, seed=seed
+        )
+    elif classes_per_batch is not None:
         sampler = ClassBalancedBatchSampler(
             train.labels, classes_per_batch, samples_per_class, seed=seed
         )
@@ -242,9 +265,10 @@ def train_run(
         score_name=f"val_recall@{ks[0]}",
     )
     if test is not None:
-        run.embeddings = embed(model, test.images)
+        run.embeddings = embed_sharded(model, test.images)
         run.metrics = retrieval_metrics(run.embeddings, test.labels, ks=tuple(ks), nmi=nmi)
-    log_training(model, train, epochs, seconds)
+    if rank == 0:
+        log_training(model, train, epochs, seconds)
     return run
 
 

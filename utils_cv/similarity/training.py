@@ -49,10 +49,15 @@ from fastai.torch_core import params
 from fastcore.foundation import L
 from torch import nn
 
-from utils_cv.common.device import get_device
 from utils_cv.similarity.augment import augment_batch
+from utils_cv.similarity.distributed import (
+    DistributedRandomBatches,
+    DistributedTraining,
+    embed_sharded,
+    init_distributed,
+    world,
+)
 from utils_cv.similarity.metrics import retrieval_metrics
-from utils_cv.similarity.models import embed
 
 if TYPE_CHECKING:
     from utils_cv.similarity.datasets import ImageData
@@ -331,7 +336,7 @@ class RetrievalCallback(Callback):
         if self.best_epoch is None:
             return
         model, loss = _model_and_loss(self.learn)
-        if self.checkpoint_path is None:
+        if self._best_state is not None:
             state = self._best_state
         else:
             state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)
@@ -343,7 +348,8 @@ class RetrievalCallback(Callback):
 
     def _evaluate(self) -> dict[str, float]:
         model, _ = _model_and_loss(self.learn)
-        embeddings = embed(model, self.val.images, batch_size=self.batch_size)
+        # On several processes each embeds its share of the batches; all get every row.
+        embeddings = embed_sharded(model, self.val.images, batch_size=self.batch_size)
         scores = retrieval_metrics(embeddings, self.val.labels.cpu(), ks=self.ks)
         # Counts ("num_queries", ...) are no scores: keep them out of the history and plots.
         return {name: float(value) for name, value in scores.items() if not name.startswith("num_")}
@@ -356,7 +362,7 @@ class RetrievalCallback(Callback):
             "epoch": epoch,
             "metrics": scores,
         }
-        if self.checkpoint_path is None:
+        if self.checkpoint_path is None or world()[0] != 0:  # one process writes the file
             self._best_state = state
             return
         self.checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
@@ -373,10 +379,11 @@ class RetrievalCallback(Callback):
 
 def _model_and_loss(learn: Learner) -> tuple[nn.Module, nn.Module | None]:
     """The embedding model and the loss module (None when the loss is a plain function)."""
-    if isinstance(learn.model, ModelWithLoss):
-        return learn.model.model, learn.model.loss
+    module = getattr(learn.model, "module", learn.model)  # inside DDP during a distributed fit
+    if isinstance(module, ModelWithLoss):
+        return module.model, module.loss
     loss = learn.loss_func if isinstance(learn.loss_func, nn.Module) else None
-    return learn.model, loss
+    return module, loss
 
 
 def _cpu_copy(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -460,8 +467,10 @@ def make_learner(
         val: validation images of classes unseen in training; adds a ``RetrievalCallback``
             that reports "val_recall@K" each epoch and keeps the best model. None: no
             validation, the final weights are kept.
-        batch_size: images per training batch (the last incomplete batch is dropped).
-        batch_sampler: index lists per batch (e.g. class-balanced); replaces batch_size.
+        batch_size: images per training batch (the last incomplete batch is dropped); on
+            several processes the global batch, batch_size / world_size on each.
+        batch_sampler: index lists per batch (e.g. class-balanced); replaces batch_size. On
+            several processes, one that gives each its share (``DistributedPKSampler``).
         augment: False, True or a strength for ``augment_batch`` (no horizontal flips).
         lr_groups: default learning rates (model, loss), used when ``fit`` or
             ``fit_one_cycle`` get no learning rate; None uses fastai's 1e-3 for both.
@@ -473,13 +482,20 @@ def make_learner(
         ks: Recall@K shown each epoch; the first selects the best model.
         opt_func, wd: optimizer and weight decay; the default is torch's AdamW (fused on the
             GPU, see ``torch_optimizer``); fastai's optimizers (``fastai.optimizer.SGD``) work too.
-        device: where data and model live; None picks the GPU when there is one.
+        device: where data and model live; None picks the GPU when there is one (in a
+            launched process, its local rank's GPU).
+
+    Launched on several processes (``torchrun``, ``accelerate launch``; docs/distributed.md),
+    the Learner trains with DDP (``DistributedTraining``): each process joins the process
+    group here, and each embeds its share of the validation images.
 
     The Learner's parameter groups are [model, loss]; pass ``slice(lr)`` (model lr / 10)
     or an array of two rates to ``fit_one_cycle`` to train them at different rates.
     ``learn.model`` is a ``ModelWithLoss``; the history is ``get_history(learn)``.
     """
-    device = get_device() if device is None else torch.device(device)
+    own_device = init_distributed()  # joins the process group in a launched process
+    device = own_device if device is None else torch.device(device)
+    rank, world_size = world()
     precision = _resolve_precision(mixed_precision, device)
     if checkpoint_path is not None and val is None:
         raise ValueError(
@@ -499,6 +515,8 @@ def make_learner(
         )
     if lr_groups is not None and len(lr_groups) != 2:
         raise ValueError(f"lr_groups={lr_groups} must hold two rates: (model, loss)")
+    if world_size > 1:
+        batch_sampler = _per_rank_sampler(batch_sampler, len(train), batch_size, world_size, seed)
     train_loader = DeviceDataLoader(
         train,
         batch_size,
@@ -507,7 +525,7 @@ def make_learner(
         augment=augment,
         batch_sampler=batch_sampler,
         device=device,
-        seed=seed,
+        seed=seed + rank,  # each process its own augmentations
     )
     # fastai wants a validation loader; it is never iterated (SkipValidationLoop).
     valid_loader = DeviceDataLoader(train, batch_sampler=[], device=device)
@@ -523,6 +541,10 @@ def make_learner(
         path=Path(tempfile.gettempdir()) / "utils_cv",
         cbs=[SkipValidationLoop()],
     )
+    if world_size > 1:
+        learn.add_cb(DistributedTraining())
+        if rank:  # one progress bar and one epoch table, the first process's
+            learn.remove_cb(progress.ProgressCallback)
     if precision != "fp32":
         learn.add_cb(MixedPrecision(amp_mode=precision))
     # Does nothing for losses without a ``stats`` dict (SoftmaxLoss).
@@ -530,6 +552,31 @@ def make_learner(
     if val is not None:
         learn.add_cb(RetrievalCallback(val, ks=ks, checkpoint_path=checkpoint_path))
     return learn
+
+
+def _per_rank_sampler(
+    batch_sampler: Iterable[Sequence[int]] | None,
+    num_items: int,
+    batch_size: int,
+    world_size: int,
+    seed: int,
+) -> Iterable[Sequence[int]]:
+    """This process's batches on ``world_size`` processes: the sampler given when it is a
+    per-rank one, else random batches of ``batch_size / world_size``."""
+    if batch_sampler is not None:
+        if getattr(batch_sampler, "world_size", None) != world_size:
+            raise ValueError(
+                f"on {world_size} processes each needs its own share of every batch: pass a "
+                "per-rank sampler such as DistributedPKSampler (train_run makes one from "
+                f"classes_per_batch), not {type(batch_sampler).__name__}"
+            )
+        return batch_sampler
+    if batch_size % world_size:
+        raise ValueError(
+            f"batch_size={batch_size} does not split among {world_size} processes; use a "
+            f"multiple of {world_size}"
+        )
+    return DistributedRandomBatches(num_items, batch_size // world_size, seed=seed)
 
 
 def replace_loss(learn: Learner, loss: nn.Module) -> None:
