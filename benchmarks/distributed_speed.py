@@ -17,7 +17,7 @@ on 2 CPU cores, 2 processes of 1 thread each do the work of 1 process of 2 threa
 gathers and gradient all-reduces, so they cannot be faster; the script measures that overhead,
 not a speed-up. On N GPUs each process has its own GPU.
 
-    python benchmarks/distributed_speed.py --preset cpu --json results/benchmarks/distributed_cpu.json
+    python benchmarks/distributed_speed.py --preset cpu --cpu --epochs 2 --json results/benchmarks/distributed_cpu_scratch.json
     python benchmarks/distributed_speed.py --preset gpu --processes 1 2 4 8 --setting imagenet
 """
 
@@ -39,7 +39,7 @@ def launch_command(processes: int, args: argparse.Namespace, out: Path) -> list[
     """The command that trains on ``processes`` processes (torchrun for more than one)."""
     module = ["-m", "utils_cv.similarity.launch", "--method", args.method,
               "--preset", args.preset, "--setting", args.setting, "--epochs", str(args.epochs),
-              "--seed", str(args.seed), "--out", str(out)]  # fmt: skip
+              "--seed", str(args.seed), "--out", str(out)] + (["--cpu"] if args.cpu else [])  # fmt: skip
     if processes == 1:
         return [sys.executable, *module]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -76,6 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--setting", default="scratch", choices=["scratch", "imagenet"])
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cpu", action="store_true", help="on the CPU even where there are GPUs")
     parser.add_argument("--json", type=Path, help="write the results here")
     return parser.parse_args(argv)
 

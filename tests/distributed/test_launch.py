@@ -21,7 +21,7 @@ from utils_cv.similarity.presets import lesson_settings
 COMMAND = [
     sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
     "-m", "utils_cv.similarity.launch",
-    "--method", "batch_hard", "--preset", "smoke", "--epochs", "1",
+    "--method", "batch_hard", "--preset", "smoke", "--epochs", "1", "--cpu",
 ]  # fmt: skip
 
 

@@ -234,7 +234,7 @@ def test_index_speed_grows_real_references_with_noisy_copies(tmp_path, monkeypat
 def test_distributed_speed_times_the_same_steps_on_one_and_two_processes(tmp_path):
     result = run_script(
         "distributed_speed.py", tmp_path, "--preset", "smoke", "--epochs", "1",
-        "--processes", "1", "2",
+        "--processes", "1", "2", "--cpu",
     )  # fmt: skip
     one, two = result["runs"]
     assert (one["processes"], two["processes"]) == (1, 2)

@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from utils_cv.similarity import training
 from utils_cv.similarity.distributed import (
     DistributedPKSampler,
     DistributedRandomBatches,
@@ -18,6 +19,8 @@ from utils_cv.similarity.distributed import (
     distributed_loss,
     embed_sharded,
     gather_batch,
+    rank0_first,
+    sync_batchnorm,
 )
 from utils_cv.similarity.losses import (
     EmbeddingExpansion,
@@ -29,6 +32,8 @@ from utils_cv.similarity.losses import (
 )
 from utils_cv.similarity.models import EmbeddingNet, embed
 from utils_cv.similarity.runner import train_run
+from utils_cv.similarity.samplers import ClassBalancedBatchSampler
+from utils_cv.similarity.training import split_batch, torch_optimizer
 
 from .test_training import NUM_CLASSES, stripes
 
@@ -40,6 +45,9 @@ LOSSES = {
     "batch_hard+EE": lambda: EmbeddingExpansion(TripletLoss(0.2, mining="batch_hard")),
     # a two-head model's dict of outputs: cross-entropy and triplet on the global batch
     "ranking_regularizer": lambda: RankingRegularizedLoss(WORLD * P, TripletLoss(0.2)),
+    # losses with parameters (seeded: the same on every rank), gathered like the others
+    "norm_softmax": lambda: NormSoftmaxLoss(WORLD * P, D),
+    "proxy_nca": lambda: ProxyNCALoss(WORLD * P, D),
 }
 WORLD, P, K, D = 2, 4, 4, 8
 
@@ -98,6 +106,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def make_loss(name):
+    torch.manual_seed(7)  # a loss's parameters: the same on every rank and here
+    return LOSSES[name]()
+
+
+def parameter_grads(loss):
+    return [p.grad.clone() for p in loss.parameters()]
+
+
 def loss_input(name, embeddings):
     """What the loss takes: the embeddings, or a two-head model's outputs made from them."""
     if name == "ranking_regularizer":
@@ -107,15 +124,17 @@ def loss_input(name, embeddings):
 
 class LinearNet(torch.nn.Module):
     """A network without BatchNorm, whose training on two processes is the single-process
-    training: each rank's BatchNorm would see its own half of the batch (no SyncBatchNorm on
-    the CPU)."""
+    training (without augmentation): each rank's BatchNorm would see its own half of the batch
+    (no SyncBatchNorm on the CPU). ``backbone``: what ``frozen_epochs`` freezes."""
 
     def __init__(self):
         super().__init__()
-        self.linear = torch.nn.Linear(3 * 16 * 16, 16)
+        self.backbone = torch.nn.Linear(3 * 16 * 16, 32)
+        self.head = torch.nn.Linear(32, 16)
 
     def forward(self, images):
-        return torch.nn.functional.normalize(self.linear(images.flatten(1)), dim=1)
+        features = torch.relu(self.backbone(images.flatten(1)))
+        return torch.nn.functional.normalize(self.head(features), dim=1)
 
 
 # train_run's recipes, the same call on one process and on two (lr, batches, loss).
@@ -124,21 +143,30 @@ RECIPES = {
         loss=lambda: TripletLoss(0.2, mining="batch_hard"), classes_per_batch=4,
         samples_per_class=3,
     ),
-    "norm_softmax random batches": dict(
-        loss=lambda: NormSoftmaxLoss(NUM_CLASSES, 16), batch_size=12
+    # plain SGD: its step follows the gradient's scale (AdamW's hardly does), so a wrong
+    # world-size factor in the gathered gradient or DDP's average would show here
+    "multi_similarity P x K, SGD": dict(
+        loss=MultiSimilarityLoss, classes_per_batch=4, samples_per_class=3, lr=0.5,
+        opt_func=torch_optimizer(torch.optim.SGD, momentum=0.9),
     ),
-    "proxy_nca P x K": dict(
-        loss=lambda: ProxyNCALoss(NUM_CLASSES, 16), classes_per_batch=4, samples_per_class=2
+    # random batches, a frozen first epoch (a second fit: DDP wraps again), class weights
+    "norm_softmax random batches, frozen epoch": dict(
+        loss=lambda: NormSoftmaxLoss(NUM_CLASSES, 16), batch_size=12, frozen_epochs=1,
+        epochs=3,
+    ),
+    "proxy_nca P x K, SGD": dict(
+        loss=lambda: ProxyNCALoss(NUM_CLASSES, 16), classes_per_batch=4, samples_per_class=2,
+        lr=(0.5, 5.0), opt_func=torch_optimizer(torch.optim.SGD),
     ),
 }  # fmt: skip
 
 
 def recipe_run(name, **kwargs):
-    recipe = dict(RECIPES[name])
+    recipe = {"epochs": 2, "lr": 1e-2} | RECIPES[name]
     loss = recipe.pop("loss")
     return train_run(
-        LinearNet, loss, stripes(0), val=stripes(1), test=stripes(2), epochs=2, lr=1e-2,
-        seed=4, augment=False, **recipe, **kwargs,
+        LinearNet, loss, stripes(0), val=stripes(1), test=stripes(2), seed=4, augment=False,
+        **recipe, **kwargs,
     )  # fmt: skip
 
 
@@ -162,24 +190,36 @@ def _rank_main(rank: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     from utils_cv.similarity.distributed import init_distributed
 
-    init_distributed()  # Accelerate joins the gloo group, as in a launched process
+    init_distributed(cpu=True)  # Accelerate joins the gloo group, as in a launched process
     try:
         embeddings, labels = global_batch()
         rows = slice(rank * P * K, (rank + 1) * P * K)
         results = {}
-        for name, make in LOSSES.items():
+        for name in LOSSES:
             for scale in (False, True):
                 local = embeddings[rows].clone().requires_grad_()
-                value = GatheredLoss(make(), scale=scale)(loss_input(name, local), labels[rows])
+                loss = make_loss(name)
+                value = GatheredLoss(loss, scale=scale)(loss_input(name, local), labels[rows])
                 value.backward()
-                results[name, scale] = (value.detach(), local.grad)
+                results[name, scale] = (value.detach(), local.grad, parameter_grads(loss))
+        order = os.path.join(out_dir, "order.txt")
+
+        def load():
+            with open(order, "a") as file:
+                file.write(str(rank))
+            with open(order) as file:
+                return file.read()
+
+        results["rank0_first"] = rank0_first(load)
         model, images, batch_sizes = sharded_cases()
         model.train()(images[rank::2].float() / 255)  # each rank its own BatchNorm statistics
         results["sharded"] = [embed_sharded(model, images, b) for b in batch_sizes]
         results["rank0 model"] = {k: v.clone() for k, v in model.state_dict().items()}
         for name in RECIPES:
             run = recipe_run(name)
-            results[name] = (run.model.state_dict(), run.metrics, run.history, run.best_epoch)
+            results[name] = (
+                run.model.state_dict(), run.metrics, run.history, run.best_epoch, run.embeddings
+            )  # fmt: skip
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -197,21 +237,30 @@ def two_ranks(tmp_path_factory):
 def test_gathered_loss_and_gradients_equal_the_single_process_ones(two_ranks, name):
     embeddings, labels = global_batch()
     whole = embeddings.clone().requires_grad_()
-    expected = LOSSES[name]()(loss_input(name, whole), labels)
+    loss = make_loss(name)
+    expected = loss(loss_input(name, whole), labels)
     expected.backward()
+    expected_parameter_grads = parameter_grads(loss)
+    assert bool(expected_parameter_grads) == (name in ("norm_softmax", "proxy_nca"))
     for rank, results in enumerate(two_ranks):
         rows = slice(rank * P * K, (rank + 1) * P * K)
-        value, grad = results[name, False]
-        torch.testing.assert_close(value, expected.detach(), rtol=1e-6, atol=1e-7)
-        torch.testing.assert_close(grad, whole.grad[rows], rtol=1e-5, atol=1e-7)
-        # scale=True (training's default): the same value, the gradient times the world size,
-        # which DDP's average over the ranks brings back to the single-process one.
-        value, grad = results[name, True]
-        torch.testing.assert_close(value, expected.detach(), rtol=1e-6, atol=1e-7)
-        torch.testing.assert_close(grad, WORLD * whole.grad[rows], rtol=1e-5, atol=1e-7)
+        for scale in (False, True):
+            value, grad, grads = results[name, scale]
+            torch.testing.assert_close(value, expected.detach(), rtol=1e-6, atol=1e-7)
+            # scale=True (training's default): the gradient of the rank's rows times the
+            # world size, which DDP's average over the ranks brings back to the single-process
+            # one; the loss's own parameters get theirs whole on every rank, unscaled.
+            factor = WORLD if scale else 1
+            torch.testing.assert_close(grad, factor * whole.grad[rows], rtol=1e-5, atol=1e-7)
+            for got, want in zip(grads, expected_parameter_grads, strict=True):
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
     # ... and a rank's own half alone gives another loss: the gathering matters.
-    alone = LOSSES[name]()(loss_input(name, embeddings[: P * K]), labels[: P * K])
+    alone = make_loss(name)(loss_input(name, embeddings[: P * K]), labels[: P * K])
     assert not torch.isclose(alone, expected)
+
+
+def test_the_first_process_loads_first(two_ranks):
+    assert [results["rank0_first"] for results in two_ranks] == ["0", "01"]
 
 
 def test_sharded_embeddings_are_the_single_process_ones_on_every_rank(two_ranks):
@@ -226,29 +275,75 @@ def test_sharded_embeddings_are_the_single_process_ones_on_every_rank(two_ranks)
 @pytest.mark.parametrize("name", sorted(RECIPES))
 def test_train_run_on_two_processes_trains_the_single_process_model(two_ranks, name):
     """The same call: each rank gets half of every batch (P / 2 classes, or batch_size / 2
-    images), the loss sees the global batch, DDP averages; 2 epochs of 4 steps each."""
+    images), the loss sees the global batch, DDP averages; 4 steps per epoch."""
     run = recipe_run(name, device="cpu")
+    start = LinearNet().state_dict()  # moved: the comparison is not of two untrained models
+    assert any(not torch.equal(start[k], v) for k, v in run.model.state_dict().items())
     for results in two_ranks:
-        weights, metrics, history, best_epoch = results[name]
+        weights, metrics, history, best_epoch, embeddings = results[name]
         for key, tensor in run.model.state_dict().items():
             torch.testing.assert_close(weights[key], tensor, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(embeddings, run.embeddings, rtol=1e-4, atol=1e-5)
         assert best_epoch == run.best_epoch
+        # The metrics of embeddings this close: equal unless two neighbours of a query lie
+        # within 1e-5 of each other (one query of 48 is 0.02).
         assert metrics.keys() == run.metrics.keys()
         for key, value in run.metrics.items():
-            assert metrics[key] == pytest.approx(value, abs=1e-6), key
-        assert [e["epoch"] for e in history] == [e["epoch"] for e in run.history]
-    # Every rank holds the same model and the same metrics.
-    assert two_ranks[0][name][1] == two_ranks[1][name][1]
+            assert metrics[key] == pytest.approx(value, abs=0.05), key
+        assert len(history) == len(run.history)
+        for got, want in zip(history, run.history, strict=True):
+            assert got["val_recall@1"] == pytest.approx(want["val_recall@1"], abs=1e-6)
+            assert got["train_loss"] == pytest.approx(want["train_loss"], rel=1e-4)
+    # Every rank holds the same model, history and metrics.
+    first, second = (results[name] for results in two_ranks)
+    assert all(torch.equal(first[0][k], second[0][k]) for k in first[0])
+    assert first[1:4] == second[1:4] and torch.equal(first[4], second[4])
 
 
-def test_losses_with_parameters_are_not_gathered():
+def test_every_loss_is_gathered_once():
+    for loss in (TripletLoss(), NormSoftmaxLoss(4, 8), RankingRegularizedLoss(4, TripletLoss())):
+        gathered = distributed_loss(loss)
+        assert isinstance(gathered, GatheredLoss) and gathered.loss is loss
+        assert distributed_loss(gathered) is gathered
     triplet = TripletLoss()
-    assert isinstance(distributed_loss(triplet), GatheredLoss)
-    ranking = RankingRegularizedLoss(4, TripletLoss())
-    assert distributed_loss(ranking).loss is ranking
-    for loss in (NormSoftmaxLoss(4, 8), ProxyNCALoss(4, 8)):
-        assert distributed_loss(loss) is loss
     assert GatheredLoss(triplet).stats is triplet.stats
+
+
+def test_a_batch_that_does_not_split_names_sizes_that_do():
+    assert split_batch(64, 2, "batch_size") == 32
+    with pytest.raises(ValueError, match=r"classes_per_batch=10 does not split among 4 .* 8 or 12"):
+        split_batch(10, 4, "classes_per_batch")
+    with pytest.raises(ValueError, match="such as 3$"):
+        split_batch(2, 3, "batch_size")
+
+
+def test_a_sampler_made_for_one_process_is_refused_on_two():
+    sampler = ClassBalancedBatchSampler(labels_of(), P, K)
+    with pytest.raises(ValueError, match="made for one process: pass a per-rank sampler"):
+        training._per_rank_sampler(sampler, 120, 64, 2, seed=0)
+    other = DistributedPKSampler(labels_of(), P, K, rank=0, world_size=3)
+    with pytest.raises(ValueError, match="made for 3 process"):
+        training._per_rank_sampler(other, 120, 64, 2, seed=0)
+
+
+def test_sync_batchnorm_keeps_timm_activations_and_frozen_stages():
+    torch.manual_seed(0)
+    net = EmbeddingNet("efficientnet_lite0", 16, weights="imagenet", frozen_stages=3).eval()
+    images = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        before = net(images)
+    converted = sync_batchnorm(net)
+    assert converted is net  # in place: the caller's model
+    norms = [m for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert norms and all(isinstance(m, torch.nn.SyncBatchNorm) or "Sync" in type(m).__name__
+                         for m in norms)  # fmt: skip
+    with torch.no_grad():
+        torch.testing.assert_close(net(images), before)  # the activations are still there
+    net.train()
+    frozen = [m for module in net._frozen for m in module.modules()]
+    assert any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in frozen)
+    assert not any(m.training for m in frozen)
+    assert all(m.training for m in net.linear.modules())
 
 
 @pytest.mark.parametrize("world_size", [2, 3])

@@ -22,12 +22,14 @@ What metric learning needs on top of plain data parallelism:
   does; ``GatheredLoss`` computes a loss on that global batch. Every rank then computes the
   single-process loss of the global batch, and the gradient of its own rows is the
   single-process gradient of those rows (tests/unit/test_distributed.py checks both). DDP
-  averages the parameter gradients over the ranks, so ``GatheredLoss`` multiplies the gradient
-  (not the value) by the number of ranks, keeping the single-process learning rate.
-- **Losses with parameters are not gathered.** Softmax, NormSoftmax and ProxyNCA are means
-  over the images of the batch: each rank's mean and DDP's average of the gradients give the
-  gradient of the global mean, and their class weights or proxies are parameters of the DDP
-  module, kept in sync like the network's (``distributed_loss`` picks).
+  averages the parameter gradients over the ranks, so the gradient of the local rows (not the
+  loss value) is multiplied by the number of ranks, keeping the single-process learning rate.
+- **Every loss is gathered** (``distributed_loss``), also the means over images (softmax,
+  NormSoftmax, ProxyNCA), which would not need it: every rank then logs the same loss and
+  statistics, and their class weights or proxies, parameters of the DDP module, get the
+  single-process gradient (each rank computes it whole; DDP's average keeps it).
+- **BatchNorm** is synchronized across GPUs (``sync_batchnorm``); PyTorch has no CPU version,
+  so on the CPU each rank normalizes with its own share of the batch.
 - **Sharded evaluation.** ``embed_sharded``: rank r embeds batches r, r + N, r + 2N, ... of the
   single-process batching, and every rank gets all the rows, in order: the metrics equal the
   single-process ones exactly (same batches, same model: the BatchNorm statistics of rank 0
@@ -37,7 +39,8 @@ What metric learning needs on top of plain data parallelism:
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -49,6 +52,8 @@ from torch import nn
 from utils_cv.common.device import get_device
 from utils_cv.similarity.models import embed
 from utils_cv.similarity.samplers import ClassBalancedBatchSampler
+
+T = TypeVar("T")
 
 
 def world() -> tuple[int, int]:
@@ -63,21 +68,66 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def init_distributed() -> torch.device:
+_JOINED: dict[str, torch.device] = {}  # this process's device, once it joined the group
+
+
+def init_distributed(cpu: bool = False) -> torch.device:
     """This process's device. In a launched process, first join the launcher's process group
     through Accelerate (``PartialState``): NCCL and the GPU of the local rank where CUDA is
-    available, gloo on the CPU. Outside a launch: ``get_device()``. Safe to call again."""
+    available, gloo on the CPU (``cpu=True``: the CPU even where there are GPUs). Outside a
+    launch: the CPU or ``get_device()``. Later calls return the device of the first."""
     if not launched():
-        return get_device()
-    from accelerate import PartialState  # only launched runs need Accelerate
+        return torch.device("cpu") if cpu else get_device()
+    if "device" in _JOINED:
+        return _JOINED["device"]
+    cpu = cpu or not torch.cuda.is_available()
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
+    if not cpu and torch.cuda.device_count() < local:
+        raise RuntimeError(
+            f"{local} processes on this machine but {torch.cuda.device_count()} GPU(s): start "
+            f"one process per GPU (torchrun --nproc_per_node {torch.cuda.device_count()}), or "
+            "train on the CPU (--cpu, init_distributed(cpu=True))"
+        )
+    from accelerate import PartialState
 
-    return PartialState(cpu=not torch.cuda.is_available()).device
+    _JOINED["device"] = PartialState(cpu=cpu).device
+    return _JOINED["device"]
+
+
+def sync_batchnorm(model: nn.Module) -> nn.Module:
+    """``model`` with every BatchNorm layer synchronized across the processes (for GPUs), in
+    place: timm's converter, which keeps the activation of timm's BatchNormAct2d (torch's own
+    drops it); a model's frozen stages (``_frozen``) are pointed at the new layers, so they
+    stay in eval mode."""
+    from timm.layers import convert_sync_batchnorm
+
+    names = {id(module): name for name, module in model.named_modules()}
+    frozen = [names[id(module)] for module in getattr(model, "_frozen", ())]
+    converted = convert_sync_batchnorm(model)
+    if frozen:
+        converted._frozen = tuple(converted.get_submodule(name) for name in frozen)
+    return converted.train(model.training)
+
+
+def rank0_first(load: Callable[[], T]) -> T:
+    """``load()`` on the first process, then on the others: what the first one builds or
+    caches (the emoji data, a download) is there before the others look for it."""
+    rank, world_size = world()
+    if rank == 0:
+        result = load()
+    if world_size > 1:
+        dist.barrier()
+    if rank != 0:
+        result = load()
+    return result
 
 
 class _RankSlices:
     """Rank r's slice of every batch of a global batch sampler (the same on every rank)."""
 
     def __init__(self, rank: int | None, world_size: int | None, batch_size: int):
+        if (rank is None or world_size is None) and launched():
+            init_distributed()  # made before make_learner: join the others first
         default_rank, default_world = world()
         rank = default_rank if rank is None else rank
         world_size = default_world if world_size is None else world_size
@@ -189,21 +239,26 @@ class _ScaleGradient(torch.autograd.Function):
         return grad * ctx.factor, None
 
 
-def _gather_rows(rows: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
+def _gather_rows(rows: torch.Tensor, rank: int, world_size: int, scale: bool) -> torch.Tensor:
     parts = [torch.empty_like(rows) for _ in range(world_size)]
     dist.all_gather(parts, rows.detach().contiguous())
-    parts[rank] = rows  # the local rows keep their graph
+    # The local rows keep their graph (times world_size for DDP's average when scale).
+    parts[rank] = _ScaleGradient.apply(rows, world_size) if scale else rows
     return torch.cat(parts)
 
 
 def gather_batch(
-    embeddings: torch.Tensor | dict[str, torch.Tensor], labels: torch.Tensor
+    embeddings: torch.Tensor | dict[str, torch.Tensor], labels: torch.Tensor, scale: bool = False
 ) -> tuple[torch.Tensor | dict[str, torch.Tensor], torch.Tensor]:
     """The step's embeddings and labels of all ranks, in rank order; gradients reach only
     this rank's rows (the others are copies). Outside a process group: the inputs.
 
     embeddings: (B, D) float, or a dict of (B, ...) tensors (a model's ``training_outputs``,
     each gathered); labels: (B,) int; B must be the same on every rank.
+    scale: multiply the gradient that reaches this rank's rows by world_size (not the
+    values): under DDP, which averages the parameter gradients over the ranks, a loss of the
+    gathered batch then gives the network the single-process gradient, and a loss's own
+    parameters (which every rank sees whole) theirs.
     """
     rank, world_size = world()
     if world_size == 1:
@@ -216,18 +271,19 @@ def gather_batch(
             "use DistributedPKSampler or DistributedRandomBatches"
         )
     if isinstance(embeddings, dict):
-        gathered = {k: _gather_rows(v, rank, world_size) for k, v in embeddings.items()}
+        gathered = {k: _gather_rows(v, rank, world_size, scale) for k, v in embeddings.items()}
     else:
-        gathered = _gather_rows(embeddings, rank, world_size)
-    return gathered, _gather_rows(labels, rank, world_size)
+        gathered = _gather_rows(embeddings, rank, world_size, scale)
+    return gathered, _gather_rows(labels, rank, world_size, False)
 
 
 class GatheredLoss(nn.Module):
-    """``loss`` on the gathered batch of all ranks (`gather_batch`).
+    """``loss`` on the gathered batch of all ranks (`gather_batch`): every rank computes the
+    single-process loss of the global batch, and its ``stats``.
 
-    scale: multiply the gradient (not the value) by world_size, so that DDP's average of the
-    parameter gradients over ranks equals the single-process gradient (each rank's loss
-    reaches only its own rows). ``stats`` are the wrapped loss's, of the global batch.
+    scale: multiply the gradient of this rank's rows (not the value) by world_size, so that
+    DDP's average of the parameter gradients over the ranks equals the single-process
+    gradient, for the network and for the loss's own parameters alike.
     """
 
     def __init__(self, loss: nn.Module, scale: bool = True):
@@ -241,19 +297,15 @@ class GatheredLoss(nn.Module):
     def forward(
         self, embeddings: torch.Tensor | dict[str, torch.Tensor], labels: torch.Tensor
     ) -> torch.Tensor:
-        gathered, gathered_labels = gather_batch(embeddings, labels)
-        value = self.loss(gathered, gathered_labels)
-        world_size = world()[1]
-        return _ScaleGradient.apply(value, world_size) if self.scale and world_size > 1 else value
+        return self.loss(*gather_batch(embeddings, labels, scale=self.scale))
 
 
 def distributed_loss(loss: nn.Module) -> nn.Module:
-    """What a rank trains with: a loss without parameters (triplet, multi-similarity, EE, the
-    ranking regularizer) on the gathered batch (``GatheredLoss``); a loss with parameters
-    (softmax, NormSoftmax, ProxyNCA: means over the images) on the rank's own batch."""
-    if isinstance(loss, GatheredLoss) or any(True for _ in loss.parameters()):
-        return loss
-    return GatheredLoss(loss)
+    """What a rank trains with: ``loss`` on the gathered batch (``GatheredLoss``), for every
+    loss. The pair-based ones need it (their negatives come from the whole batch); for the
+    means over images (softmax, NormSoftmax, ProxyNCA) it gives the same gradient as each
+    rank's own batch with DDP's average, and every rank the same loss value and statistics."""
+    return loss if isinstance(loss, GatheredLoss) else GatheredLoss(loss)
 
 
 def _sync_buffers(model: nn.Module) -> None:
@@ -306,16 +358,18 @@ class DistributedTraining(DistributedTrainer):
     """fastai's ``DistributedTrainer`` (DDP through Accelerate) for ``make_learner``'s learners.
 
     Each fit wraps the model (and the loss's parameters, which live in ``ModelWithLoss``) in
-    DDP, with BatchNorm synchronized across the GPUs (``nn.SyncBatchNorm``; PyTorch has no CPU
-    version, so on the CPU each rank normalizes with its own batch's statistics). The loss
-    becomes ``distributed_loss(loss)`` for the fit. The data loaders are left alone: their
-    per-rank batch samplers already give each rank its share (fastai's ``DistributedDL`` only
-    wraps fastai's own loaders).
+    DDP on ``device`` (gloo on the CPU, NCCL on a GPU). The loss becomes
+    ``distributed_loss(loss)`` for the fit. The data loaders are left alone: their per-rank
+    batch samplers already give each rank its share (fastai's ``DistributedDL`` only wraps
+    fastai's own loaders, and broadcasts as CUDA tensors, which gloo cannot carry).
     """
 
-    def __init__(self):
-        cuda = torch.cuda.is_available()
-        super().__init__(sync_bn=cuda, cpu=not cuda)
+    def __init__(self, device: torch.device):
+        # BatchNorm is synchronized by make_learner (``sync_batchnorm``) where fastai's
+        # conversion (torch's) would drop timm's activations. Mixed precision is fastai's
+        # (MixedPrecision); "no" keeps an accelerate config or launcher flag from adding
+        # Accelerate's autocast on top of it.
+        super().__init__(sync_bn=False, cpu=device.type == "cpu", mixed_precision="no")
 
     def _wrap_dl(self, dl):
         return super()._wrap_dl(dl) if isinstance(dl, TfmdDL) else dl

@@ -2,6 +2,7 @@
 
     python -m utils_cv.similarity.launch --method batch_hard --preset smoke --out runs/bh
     torchrun --nproc_per_node 2 -m utils_cv.similarity.launch --method batch_hard --out runs/bh2
+    torchrun --nproc_per_node 2 -m utils_cv.similarity.launch --method batch_hard --cpu --out runs/bh_cpu
     torchrun --nproc_per_node 8 -m utils_cv.similarity.launch --method norm_softmax \\
         --setting imagenet --dataset path/to/class_folders --out runs/ns
 
@@ -36,7 +37,7 @@ import torch
 from utils_cv.common.device import describe_device
 from utils_cv.common.results import write_atomic
 from utils_cv.similarity import compare
-from utils_cv.similarity.distributed import init_distributed, world
+from utils_cv.similarity.distributed import init_distributed, rank0_first, world
 from utils_cv.similarity.presets import IMAGENET, SCRATCH, lesson_settings, preset_config
 from utils_cv.similarity.training import load_checkpoint
 
@@ -50,12 +51,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ee-base", default="batch_hard", choices=compare.PAIR_BASED,
                         help="the pair-based loss under Embedding Expansion (--method ee)")  # fmt: skip
     parser.add_argument("--preset", default="auto", choices=["auto", "smoke", "cpu", "gpu"],
-                        help="auto: gpu where CUDA is available, else cpu")  # fmt: skip
+                        help="auto: gpu where CUDA is available (and no --cpu), else cpu")  # fmt: skip
     parser.add_argument("--setting", default="scratch", choices=list(SETTINGS))
     parser.add_argument("--dataset", default="emoji", help="emoji, or a folder of class folders")
     parser.add_argument("--data-dir", type=Path, help="where the built-in data lives")
     parser.add_argument("--epochs", type=int, help="default: the preset's budget")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cpu", action="store_true",
+                        help="train on the CPU (gloo between processes) even where there are GPUs")  # fmt: skip
     parser.add_argument("--out", type=Path, required=True, help="folder for model.pt and run.json")
     return parser.parse_args(argv)
 
@@ -72,13 +75,15 @@ def recipe_config(recipe: dict[str, Any]) -> tuple[dict[str, Any], str]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     warnings.simplefilter("once")
-    init_distributed()  # a launched process joins the others here
+    device = init_distributed(cpu=args.cpu)  # a launched process joins the others here
     rank, world_size = world()
     out = args.out.resolve()
     if rank == 0:
         if out.exists() and not out.is_dir():
             raise SystemExit(f"--out {out} is a file; name a folder")
         out.mkdir(parents=True, exist_ok=True)
+    if args.cpu and args.preset == "auto":
+        args.preset = "cpu"
     recipe = {
         "method": args.method,
         "ee_base": args.ee_base if args.method == "ee" else None,
@@ -91,7 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     config, setting_name = recipe_config(recipe)
     recipe["preset"] = config["preset"]  # "auto" resolved
-    setting = lesson_settings(config, args.dataset, args.data_dir)[setting_name]
+    # The first process builds the emoji data when it is missing; the others then read it.
+    settings = rank0_first(lambda: lesson_settings(config, args.dataset, args.data_dir))
+    setting = settings[setting_name]
     recipe["epochs"] = setting.epochs
     if rank == 0:
         print(f"{describe_device()} | {world_size} process(es) | {args.method}, {setting_name}")
@@ -102,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         args.seed,
         recipe["ee_base"],
         checkpoint_path=out / MODEL_FILE,
+        device=device,
     )
     steps = len(run.learn.dls.train) * setting.epochs
     summary = {

@@ -65,6 +65,7 @@ from utils_cv.similarity.training import (
     get_history,
     make_learner,
     replace_loss,
+    split_batch,
 )
 
 ModuleOrBuilder = nn.Module | Callable[[], nn.Module]
@@ -192,11 +193,8 @@ def train_run(
         )
     init_distributed()  # in a launched process: join the others before the sampler
     rank, world_size = world()
-    if classes_per_batch is not None and classes_per_batch % world_size:
-        raise ValueError(
-            f"classes_per_batch={classes_per_batch} does not split among {world_size} "
-            f"processes; use a multiple of {world_size}"
-        )
+    if classes_per_batch is not None:
+        per_rank = split_batch(classes_per_batch, world_size, "classes_per_batch")
     set_seed(seed)
     model = _build(model)
     loss = _build(loss)
@@ -209,9 +207,7 @@ def train_run(
         )
     sampler = None
     if classes_per_batch is not None and world_size > 1:
-        sampler = DistributedPKSampler(
-            train.labels, classes_per_batch // world_size, samples_per_class, seed=seed
-        )
+        sampler = DistributedPKSampler(train.labels, per_rank, samples_per_class, seed=seed)
     elif classes_per_batch is not None:
         sampler = ClassBalancedBatchSampler(
             train.labels, classes_per_batch, samples_per_class, seed=seed

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 with warnings.catch_warnings():
     # fastai's layers call torch.jit.script at import, which torch 2.10+ deprecates; the
@@ -55,6 +56,7 @@ from utils_cv.similarity.distributed import (
     DistributedTraining,
     embed_sharded,
     init_distributed,
+    sync_batchnorm,
     world,
 )
 from utils_cv.similarity.metrics import retrieval_metrics
@@ -494,8 +496,13 @@ def make_learner(
     ``learn.model`` is a ``ModelWithLoss``; the history is ``get_history(learn)``.
     """
     own_device = init_distributed()  # joins the process group in a launched process
-    device = own_device if device is None else torch.device(device)
     rank, world_size = world()
+    if world_size > 1 and device is not None and torch.device(device) != own_device:
+        raise ValueError(
+            f"device={device!r} but this process of {world_size} trains on {own_device}: "
+            "leave device=None in a launched run (init_distributed(cpu=True) for the CPU)"
+        )
+    device = own_device if device is None else torch.device(device)
     precision = _resolve_precision(mixed_precision, device)
     if checkpoint_path is not None and val is None:
         raise ValueError(
@@ -517,6 +524,8 @@ def make_learner(
         raise ValueError(f"lr_groups={lr_groups} must hold two rates: (model, loss)")
     if world_size > 1:
         batch_sampler = _per_rank_sampler(batch_sampler, len(train), batch_size, world_size, seed)
+        if device.type == "cuda":
+            model = sync_batchnorm(model)  # in place: the caller's model object is trained
     train_loader = DeviceDataLoader(
         train,
         batch_size,
@@ -542,7 +551,7 @@ def make_learner(
         cbs=[SkipValidationLoop()],
     )
     if world_size > 1:
-        learn.add_cb(DistributedTraining())
+        learn.add_cb(DistributedTraining(device))
         if rank:  # one progress bar and one epoch table, the first process's
             learn.remove_cb(progress.ProgressCallback)
     if precision != "fp32":
@@ -562,21 +571,39 @@ def _per_rank_sampler(
     seed: int,
 ) -> Iterable[Sequence[int]]:
     """This process's batches on ``world_size`` processes: the sampler given when it is a
-    per-rank one, else random batches of ``batch_size / world_size``."""
-    if batch_sampler is not None:
-        if getattr(batch_sampler, "world_size", None) != world_size:
-            raise ValueError(
-                f"on {world_size} processes each needs its own share of every batch: pass a "
-                "per-rank sampler such as DistributedPKSampler (train_run makes one from "
-                f"classes_per_batch), not {type(batch_sampler).__name__}"
-            )
-        return batch_sampler
-    if batch_size % world_size:
+    per-rank one (with as many batches on every process), else random batches of
+    ``batch_size / world_size``."""
+    if batch_sampler is None:
+        per_rank = split_batch(batch_size, world_size, "batch_size")
+        return DistributedRandomBatches(num_items, per_rank, seed=seed)
+    made_for = getattr(batch_sampler, "world_size", None)
+    if made_for != world_size:
         raise ValueError(
-            f"batch_size={batch_size} does not split among {world_size} processes; use a "
-            f"multiple of {world_size}"
+            f"on {world_size} processes each needs its own share of every batch, but the "
+            f"{type(batch_sampler).__name__} given was made for "
+            f"{'one process' if made_for is None else f'{made_for} process(es)'}: pass a "
+            "per-rank sampler such as DistributedPKSampler, made after the process group "
+            "is joined (train_run makes one from classes_per_batch)"
         )
-    return DistributedRandomBatches(num_items, batch_size // world_size, seed=seed)
+    lengths = [None] * world_size
+    dist.all_gather_object(lengths, len(batch_sampler))
+    if len(set(lengths)) != 1:  # a process that stops early would leave the others waiting
+        raise ValueError(
+            f"the processes' samplers give {lengths} batches per epoch; make them agree"
+        )
+    return batch_sampler
+
+
+def split_batch(size: int, world_size: int, name: str) -> int:
+    """``size`` / ``world_size``, the share of each process; an error names the sizes that split."""
+    if size % world_size:
+        lower = size - size % world_size
+        near = " or ".join(str(n) for n in (lower, lower + world_size) if n > 0)
+        raise ValueError(
+            f"{name}={size} does not split among {world_size} processes; use a multiple of "
+            f"{world_size}, such as {near}"
+        )
+    return size // world_size
 
 
 def replace_loss(learn: Learner, loss: nn.Module) -> None:
