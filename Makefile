@@ -16,7 +16,7 @@ SYSDEP_FILES := /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf \
                 /usr/share/fonts/opentype/unifont/unifont_upper.otf \
                 /usr/share/datasets/fashion-mnist
 
-.PHONY: env sysdeps data run test test-unit test-notebooks test-gpu lab lint format compare benchmark clean
+.PHONY: env sysdeps data run docs test test-unit test-notebooks test-gpu lab lint format compare benchmark clean
 
 env: sysdeps $(STAMP)
 
@@ -78,8 +78,19 @@ format: env
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
+# The smoke runs keep their executed notebooks in outputs/smoke; the docs site is then built
+# from them and checked (links, images, nothing fetched from the web).
+SMOKE_OUTPUTS := $(OUTPUTS)/smoke
+
 test: data lint
-	$(BIN)/python -m pytest
+	@rm -rf $(SMOKE_OUTPUTS)
+	UTILS_CV_SMOKE_OUTPUTS=$(CURDIR)/$(SMOKE_OUTPUTS) $(BIN)/python -m pytest
+	$(BIN)/python docs/site/build.py --outputs $(SMOKE_OUTPUTS) --require-outputs
+
+# The docs site, offline, from the notebooks `make run` executed (those not run yet are shown
+# without outputs): build/docs/html/index.html.
+docs: env
+	$(BIN)/python docs/site/build.py --outputs $(OUTPUTS)
 
 test-unit: data
 	$(BIN)/python -m pytest tests/unit

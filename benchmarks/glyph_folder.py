@@ -1,6 +1,6 @@
 """A folder of "your own images" made from packages: characters drawn by several fonts.
 
-The README's "From scratch or from weights" numbers need a folder that is not one of the
+docs/results.md's "From scratch or from weights" numbers need a folder that is not one of the
 built-in datasets and that anyone can rebuild offline. This script draws characters (the
 classes) with fonts that matplotlib ships (the domains: DejaVu Sans, Serif and Mono in
 several styles, and STIX; all under free licences, see matplotlib's

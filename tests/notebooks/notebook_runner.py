@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 from unittest import mock
 
@@ -31,6 +32,20 @@ def assert_every_method(names) -> None:
 def trainings(output_dir: Path) -> list[dict]:
     """The trainings a ``run_notebook`` into ``output_dir`` made, in the order they ended."""
     return read_training_log(output_dir / TRAININGS)
+
+
+# With this environment variable set to a folder (make test sets outputs/smoke), each smoke
+# run's executed notebook is kept as <folder>/<name>/<name>.ipynb, where `make run` keeps its
+# own: the docs site is then built and checked on them (docs/site/build.py).
+SMOKE_OUTPUTS = "UTILS_CV_SMOKE_OUTPUTS"
+
+
+def keep_executed(name: str, output_dir: Path) -> None:
+    """Copy ``output_dir/<name>.ipynb`` to ``$UTILS_CV_SMOKE_OUTPUTS/<name>/`` (if set)."""
+    folder = os.environ.get(SMOKE_OUTPUTS)
+    if folder:
+        (Path(folder) / name).mkdir(parents=True, exist_ok=True)
+        shutil.copy(output_dir / f"{name}.ipynb", Path(folder) / name / f"{name}.ipynb")
 
 
 def notebook_path(name: str) -> Path:

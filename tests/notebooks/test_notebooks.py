@@ -25,6 +25,7 @@ from .notebook_runner import (
     assert_every_method,
     assert_sane,
     flatten,
+    keep_executed,
     run_notebook,
     trainings,
 )
@@ -269,6 +270,7 @@ def test_notebook_smoke(name, tmp_path, request):
     assert flat["preset"] == "smoke"
     assert_sane(metrics)
     out = request.getfixturevalue("comparison_07")[0].parent if name == "07_method_comparison" else tmp_path  # fmt: skip
+    keep_executed(name, out)
     assert_trained_as_planned(name, trainings(out))
     if name == "08_fast_retrieval":
         assert_fast_retrieval(metrics)

@@ -44,7 +44,7 @@ def test_eval_speed_agrees_with_pytorch_metric_learning(tmp_path):
     assert result["agree"], result["differences"]
     assert 0 < result["ours"]["values"]["recall@1"] <= 1
     assert result["ours"]["seconds"] > 0 and result["pml_over_ours"] > 0
-    # the matmul floor, timed beside ours, and the ratio the README reports
+    # the matmul floor, timed beside ours, and the ratio docs/results.md reports
     floor = result["floor"]["seconds"]
     assert floor > 0 and result["ours_over_floor"] == pytest.approx(
         result["ours"]["seconds"] / floor

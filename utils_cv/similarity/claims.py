@@ -22,7 +22,7 @@ from utils_cv.similarity.presets import IMAGENET, SCRATCH
 
 REPRODUCED, NOT_REPRODUCED, CANNOT_TELL = "reproduced", "not reproduced", "cannot tell"
 NOT_MEASURED = "not measured here"
-# The rule, as the notebook and the README state it.
+# The rule, as the notebook and docs/results.md state it.
 RULE = (
     "A claim that A beats B is reproduced when A's mean exceeds B's by more than twice their "
     "pooled seed standard deviation, sqrt((s_A² + s_B²) / 2), and by at least a floor (0.01 "

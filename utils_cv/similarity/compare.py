@@ -442,9 +442,11 @@ def load_results(
 ) -> list[dict[str, Any]]:
     """Every stored record of ``preset`` under ``root``, each verified.
 
-    fingerprints: setting name -> ``data_fingerprint`` of the data loaded now; a record of
-        that setting made on other data is refused (StoredResultError).
-    config: the protocol now; a record made under another one is refused.
+    Args:
+        root, preset: where the records are, and of which preset.
+        fingerprints: setting name -> ``data_fingerprint`` of the data loaded now; a record
+            of that setting made on other data is refused (StoredResultError).
+        config: the protocol now; a record made under another one is refused.
     """
     records = []
     for path in sorted((Path(root) / preset).glob("*/*/seed*.json")):

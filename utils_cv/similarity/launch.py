@@ -1,4 +1,4 @@
-"""Train one method's recipe from the command line, on one process or on several.
+"""Train one method's recipe from the command line, on one process or on several::
 
     python -m utils_cv.similarity.launch --method batch_hard --preset smoke --out runs/bh
     torchrun --nproc_per_node 2 -m utils_cv.similarity.launch --method batch_hard --out runs/bh2

@@ -151,7 +151,7 @@ def efficientnet_lite0(weights: str | None = None) -> nn.Module:
     """timm's ``tf_efficientnet_lite0`` with its ImageNet classifier, built without a network.
 
     weights: "imagenet" loads ``efficientnet_lite0_state_dict()``; None initializes at random.
-    The "tf_" variant pads like TensorFlow ("same") and has BatchNorm eps 1e-3, as the
+    The ``tf_`` variant pads like TensorFlow ("same") and has BatchNorm eps 1e-3, as the
     weights' own model code (package ``efficientnet-lite-pytorch``) does: it gives the same
     logits; timm's ``efficientnet_lite0`` (symmetric padding) gives others.
 

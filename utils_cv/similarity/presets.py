@@ -138,7 +138,7 @@ LIST_TYPES: dict[str, type] = {
 }
 
 # Notebook 02's main ProxyNCA setting, chosen on the validation classes of the CPU preset
-# (see the README), and the scales it is compared with.
+# (see docs/results.md), and the scales it is compared with.
 MAIN_SCALE, MAIN_PROXY_LR = 9.0, 1.0
 SCALE_SWEEP = [3.0, 27.0]
 
@@ -228,7 +228,7 @@ NOTEBOOK_PRESETS["02_proxy_nca"] = {
 
 
 # Notebook 03's main NormSoftmax setting, chosen on the validation classes of the CPU preset
-# (see the README): the temperature, and S images of each of batch // S classes per batch,
+# (see docs/results.md): the temperature, and S images of each of batch // S classes per batch,
 # or None for random batches.
 MAIN_TEMPERATURE, MAIN_SAMPLES_PER_CLASS = 0.05, None
 _NORM_SOFTMAX = {
@@ -240,7 +240,7 @@ _NORM_SOFTMAX = {
         "embedding_size": [32],
         "frozen_epochs": [0],
     },
-    # Four methods and LayerNorm off: five trainings (the other sweeps: README, or SWEEPS).
+    # Four methods and LayerNorm off: five trainings (the other sweeps: docs/results.md, or SWEEPS).
     "cpu": {"layer_norm": [False]},
     # The paper's sweeps, at the batch of 128.
     "gpu": {
@@ -352,7 +352,7 @@ _EXPANSION = {
     "smoke": {"seeds": [0], "points_sweep": [4], "projection_ablation": True,
               "occlusion_sizes": [0.5]},
     # Four methods on one seed + one ablation: five trainings of 30-90 s on 2 idle cores
-    # (the 3-seed table in the README: SEEDS=[0, 1, 2]), then the four methods from ImageNet
+    # (the 3-seed table in docs/results.md: SEEDS=[0, 1, 2]), then the four methods from ImageNet
     # weights at a reduced budget: 4 epochs, the first five stages frozen (at 01's 6 epochs
     # with three frozen they alone would take about 9 minutes).
     "cpu": {"seeds": [0], "points_sweep": [8], "projection_ablation": False,

@@ -81,16 +81,17 @@ FEW_VAL_CLASSES, FEW_VAL_IMAGES = 50, 1000
 class Run:
     """What one training run leaves behind.
 
-    model, loss: trained in place; the model holds the weights of the best validation epoch
-        (the final weights when there was no ``val``).
-    history: one dict per epoch ("epoch", "train_loss", "val_recall@K", "loss_<stat>", ...).
-    best_epoch, best_score: the kept epoch and its validation Recall@K (first K of ``ks``);
-        None without ``val``.
-    seconds: wall time of the training, the per-epoch validation included, the final test
-        evaluation excluded.
-    metrics: ``retrieval_metrics`` on the test data ({} without ``test``).
-    embeddings: (N, D) test embeddings on the CPU (None without ``test``).
-    learn: the fastai Learner, to train on or inspect.
+    Attributes:
+        model, loss: trained in place; the model holds the weights of the best validation
+            epoch (the final weights when there was no ``val``).
+        history: one dict per epoch ("epoch", "train_loss", "val_recall@K", "loss_<stat>").
+        best_epoch, best_score: the kept epoch and its validation Recall@K (first K of
+            ``ks``); None without ``val``.
+        seconds: wall time of the training, the per-epoch validation included, the final
+            test evaluation excluded.
+        metrics: ``retrieval_metrics`` on the test data ({} without ``test``).
+        embeddings: (N, D) test embeddings on the CPU (None without ``test``).
+        learn: the fastai Learner, to train on or inspect.
     """
 
     model: nn.Module

@@ -16,6 +16,7 @@ faiss's heaps by construction, see `faiss_flat.py`), so a metric never changes w
 asked for, and the Hamming search agrees exactly with a float search of the unpacked bits.
 
 How Hamming distances are computed:
+
 - on the CPU, XOR and popcount with `faiss.hammings`. Measured with one thread (best of 3, two
   runs on a shared 2-core machine) for 32 queries against 60,502 random codes, 512 bits:
   faiss 5-7 ms, numpy.bitwise_count on uint64 words 99-103 ms, on bytes 102-139 ms, a 256-entry

@@ -688,12 +688,14 @@ def step_cost(
         labels: (B,) int.
 
     Returns:
-        "ms_per_step": mean wall time of the timed steps (CUDA synchronized);
-        "loss_saved_kib": the bytes of every tensor autograd saves while computing the loss
-            from the embeddings (the activation memory the loss adds to a step; a tensor
-            saved twice counts twice), measured with ``saved_tensors_hooks``;
-        "step_saved_kib": the same for the whole step (model and loss), for scale;
-        "peak_gpu_mib" (CUDA only): the steps' peak allocated CUDA memory.
+        A dict:
+
+        - "ms_per_step": mean wall time of the timed steps (CUDA synchronized);
+        - "loss_saved_kib": the bytes of every tensor autograd saves while computing the
+          loss from the embeddings (the activation memory the loss adds to a step; a tensor
+          saved twice counts twice), measured with ``saved_tensors_hooks``;
+        - "step_saved_kib": the same for the whole step (model and loss), for scale;
+        - "peak_gpu_mib" (CUDA only): the steps' peak allocated CUDA memory.
     """
     if repeats < 1 or warmup < 0:
         raise ValueError(f"repeats={repeats} must be >= 1 and warmup={warmup} >= 0")

@@ -82,9 +82,10 @@ class FontNotFoundError(FileNotFoundError):
 class EmojiClass:
     """One emoji class.
 
-    codepoints: the code point sequence without U+FE0F (emoji presentation selector), which
-        fonts and people use inconsistently and which does not change the emoji.
-    name: unique human-readable name built from Unicode character names.
+    Attributes:
+        codepoints: the code point sequence without U+FE0F (emoji presentation selector),
+            which fonts and people use inconsistently and which does not change the emoji.
+        name: unique human-readable name built from Unicode character names.
     """
 
     codepoints: tuple[int, ...]
@@ -122,6 +123,7 @@ def find_fonts(
     """Locate the font files, checking that each exists.
 
     Each key in ``keys`` (see ``FONT_KEYS``) is looked up, first match wins, in
+
     1. ``fonts``, e.g. ``{"symbola": "/path/to/Symbola.ttf"}``;
     2. the environment variable ``UTILS_CV_FONT_<KEY>``, e.g. ``UTILS_CV_FONT_SYMBOLA``;
     3. the folder in ``UTILS_CV_FONT_DIR`` under the Debian file name (NotoColorEmoji.ttf,
@@ -162,12 +164,14 @@ def font_glyphs(path: str | os.PathLike, key: str = "font") -> dict[tuple[int, .
     """Map every code point sequence that the font draws as one glyph to that glyph's name.
 
     The rule ("one glyph"), with U+FE0F removed from every sequence:
+
     - a single code point counts when the font's character map (cmap) maps it to a glyph
       other than ``.notdef``;
     - a sequence (flag, keycap, ZWJ sequence, skin-tone modifier) counts when a ligature
       substitution (GSUB lookup type 4, possibly wrapped in an extension lookup) in one of the
       default-on features ccmp/liga/clig/rlig turns exactly the cmap glyphs of its code points
       into one glyph. This is what a text shaper such as HarfBuzz does with the sequence.
+
     Sequences reached only through contextual lookups are not counted (a conservative rule).
 
     path: font file; key: its name in error messages.
@@ -266,7 +270,7 @@ def emoji_classes(
     """The emoji classes: sequences that both ``glyphs["openmoji"]`` and ``glyphs["noto"]``
     draw as one glyph (see :func:`font_glyphs`).
 
-    Left out: characters that are not emoji on their own (space, keycap bases 0-9 # *,
+    Left out: characters that are not emoji on their own (space, keycap bases ``0-9 # *``,
     regional indicators, skin-tone modifiers, hair components, tags, ZWJ, variation
     selectors, private use), skin-tone variants unless ``include_skin_tones``, and
     emoji whose characters the Unicode database does not name (counted in the returned

@@ -71,14 +71,15 @@ class EmbeddingExpansion(nn.Module):
     After each call, ``stats`` holds the base loss's own stats, computed on the expanded
     matrix (so its negative-pair means, e.g. "mean_neg_distance", include the synthetic
     points through the group and do not compare with a run of the base loss alone), and:
-        "selection_ratio": the share of anchors whose hardest negative (the one the base
-            loss treats as hardest: smallest group distance, or largest group similarity)
-            is a synthetic point; the paper shows it falling as training goes on.
-        "hardest_negative_distance": mean over anchors of the Euclidean distance between the
-            anchor's group and its closest negative, original or synthetic.
-        "hardest_original_negative_distance": the same, anchor to original negatives only
-            (what the base loss alone would see); equal to the above when n_points = 0.
-        "num_synthetic": synthetic points in the batch.
+
+    - "selection_ratio": the share of anchors whose hardest negative (the one the base
+      loss treats as hardest: smallest group distance, or largest group similarity) is a
+      synthetic point; the paper shows it falling as training goes on.
+    - "hardest_negative_distance": mean over anchors of the Euclidean distance between the
+      anchor's group and its closest negative, original or synthetic.
+    - "hardest_original_negative_distance": the same, anchor to original negatives only
+      (what the base loss alone would see); equal to the above when n_points = 0.
+    - "num_synthetic": synthetic points in the batch.
     """
 
     def __init__(self, base_loss: nn.Module, n_points: int = 2, normalize: bool = True):

@@ -53,6 +53,7 @@ class ProxyNCALoss(nn.Module):
 
     After each call, ``stats`` holds floats about that batch (the K targets are the classes,
     or the proxies when classes share them):
+
         "mean_pos_distance": mean squared distance to the own class's (nearest) proxy.
         "mean_neg_distance": mean over the other K - 1 targets' distances.
         "proxy_accuracy": share of the samples whose nearest target is their own.

@@ -1,4 +1,4 @@
-"""A retrieval browser: pick or upload a query, see its nearest catalogue images, click on.
+"""A retrieval browser: pick or upload a query, see its nearest catalogue images, click on::
 
     browser = plot.RetrievalBrowser({"flat": flat, "hnsw": hnsw}, embeddings, data.images,
                                     labels=names, model=model, examples=queries)
