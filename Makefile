@@ -15,10 +15,15 @@ SYSDEP_FILES := /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf \
                 /usr/share/fonts/truetype/ancient-scripts/Symbola_hint.ttf \
                 /usr/share/fonts/opentype/unifont/unifont_upper.otf \
                 /usr/share/datasets/fashion-mnist
+LAB_OVERRIDES := $(VENV)/share/jupyter/lab/settings/overrides.json
 
 .PHONY: env sysdeps data run docs test test-unit test-notebooks test-gpu lab lint format compare benchmark clean
 
-env: sysdeps $(STAMP)
+env: sysdeps $(STAMP) $(LAB_OVERRIDES)
+
+# JupyterLab settings for learners: no news pop-up, no update check (make env, make lab).
+$(LAB_OVERRIDES): .jupyter/lab/settings/overrides.json $(STAMP)
+	install -D -m 644 $< $@
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -42,6 +47,16 @@ sysdeps:
 	    echo "  Debian/Ubuntu: sudo apt-get install $(APT_PACKAGES)"; \
 	    echo "  Other systems: install those fonts and point UTILS_CV_FONT_DIR at them (see data/README.md)."; \
 	    exit 1; \
+	  fi; \
+	fi
+	@# Chromium, the browser of the JupyterLab test (tests/browser): installed as root with
+	@# apt like the fonts; elsewhere that test is skipped, with this message.
+	@if [ ! -x /usr/bin/chromium ] && ! command -v chromium >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium \
+	      || echo "chromium did not install: the JupyterLab test will be skipped"; \
+	  else \
+	    echo "No Chromium: the JupyterLab test will be skipped (sudo apt-get install chromium)"; \
 	  fi; \
 	fi
 

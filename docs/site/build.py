@@ -85,7 +85,8 @@ def stage_api(stage: Path) -> list[str]:
     pages = []
     for name in module_names():
         directive = f"```{{eval-rst}}\n.. automodule:: {name}\n   :members:\n```\n"
-        (api / f"{name}.md").write_text(f"# `{name}`\n\n{directive}")
+        title = name.removeprefix("utils_cv.similarity.").removeprefix("utils_cv.")
+        (api / f"{name}.md").write_text(f"# {title}\n\n{directive}")  # short: it wraps
         pages.append(f"api/{name}")
     toctree = "\n".join(page.removeprefix("api/") for page in pages)
     (api / "index.md").write_text(
