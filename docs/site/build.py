@@ -34,6 +34,9 @@ BUILD = ROOT / "build" / "docs"
 GUIDES = ["docs/README", "docs/lessons", "docs/results", "docs/datasets", "docs/evaluation",
           "docs/distributed", "docs/triplet_collapse", "docs/testing", "docs/layout",
           "data/README", "benchmarks/README"]  # fmt: skip
+# Notebook 08's retrieval browser (ipywidgets) is live in JupyterLab only; its saved view would
+# load the widget manager from a CDN. The notebook draws a static figure of it too.
+WIDGET = "application/vnd.jupyter.widget-view+json"
 NOT_EXECUTED = (
     "```{note}\nThis page shows the notebook without its outputs: it was not executed when the "
     "site was built. `make run` executes every notebook (`make docs` then shows their plots).\n```"
@@ -57,6 +60,11 @@ def stage_notebooks(stage: Path, outputs: Path) -> dict[str, bool]:
         notebook = json.loads(
             (run if run.exists() else ROOT / "notebooks" / f"{name}.ipynb").read_text()
         )
+        for cell in notebook["cells"]:  # a live widget needs a kernel; the site has none
+            cell["outputs"] = [
+                o for o in cell.get("outputs", []) if WIDGET not in o.get("data", {})
+            ]
+        notebook.get("metadata", {}).pop("widgets", None)
         if not executed[name]:
             note = {
                 "cell_type": "markdown",

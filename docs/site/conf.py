@@ -14,6 +14,8 @@ copyright = "the utils_cv authors, MIT licence"
 extensions = ["myst_nb", "sphinx.ext.autodoc", "sphinx.ext.napoleon", "sphinx.ext.viewcode"]
 # The notebooks are shown as `make run` (or the smoke tests) executed them: never re-run here.
 nb_execution_mode = "off"
+# No widget manager from a CDN (build.py drops the widget views; nothing is fetched online).
+nb_ipywidgets_js: dict = {}
 myst_enable_extensions = ["dollarmath", "amsmath", "colon_fence"]
 myst_heading_anchors = 3
 # A link to a repository file that is not a page (a script, a JSON result) is copied beside
