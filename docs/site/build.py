@@ -64,6 +64,9 @@ def stage_notebooks(stage: Path, outputs: Path) -> dict[str, bool]:
             cell["outputs"] = [
                 o for o in cell.get("outputs", []) if WIDGET not in o.get("data", {})
             ]
+            tags = cell.setdefault("metadata", {}).get("tags", [])
+            if "injected-parameters" in tags:  # papermill's: the run's paths, not the lesson
+                cell["metadata"]["tags"] = [*tags, "remove-cell"]
         notebook.get("metadata", {}).pop("widgets", None)
         if not executed[name]:
             note = {
