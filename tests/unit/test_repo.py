@@ -104,3 +104,12 @@ def test_recipes_notebook_keeps_its_outputs_and_is_checked_by_nbval():
     assert "notebooks/recipes.ipynb -filter" in attributes
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]
     assert "notebooks/recipes.ipynb" in config["testpaths"] and "--nbval" in config["addopts"]
+
+
+def test_the_licence_is_declared_as_spdx_and_shipped():
+    """pyproject declares an SPDX expression (the table form is deprecated by setuptools and
+    its builds stop being supported in 2027) and the LICENSE file it names holds that licence."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["license"] == "MIT"
+    assert project["license-files"] == ["LICENSE"]
+    assert (ROOT / "LICENSE").read_text().startswith("MIT License\n")
