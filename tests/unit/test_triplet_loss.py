@@ -324,3 +324,27 @@ def test_a_batch_of_one_class_is_an_error():
 def test_unknown_mining_is_an_error():
     with pytest.raises(ValueError, match="mining='hard'.*batch_hard"):
         TripletLoss(mining="hard")
+
+
+@pytest.mark.parametrize("mining", ["batch_all", "semi_hard", "batch_hard"])
+@pytest.mark.parametrize("norm", [1e-20, 1e-6, 1e6, 1e20])
+def test_loss_and_gradients_stay_finite_for_tiny_and_huge_embeddings(mining, norm):
+    """The squared norms of embeddings of norm 1e20 overflow float32 (they once gave NaN); the
+    distances are computed at a power-of-two scale instead, which changes no value."""
+    generator = torch.Generator().manual_seed(0)
+    unit = torch.nn.functional.normalize(torch.randn(16, 8, generator=generator), dim=1)
+    labels = torch.arange(4).repeat_interleave(4)
+    for squared in (False, True):
+        if squared and norm == 1e20:  # squared distances of 1e40 do not exist in float32
+            continue
+        embeddings = (unit * norm).requires_grad_()
+        loss = TripletLoss(0.2, mining=mining, squared=squared)(embeddings, labels)
+        loss.backward()
+        assert torch.isfinite(loss) and torch.isfinite(embeddings.grad).all()
+        # The distances scale with the embeddings (off the diagonal: a point's distance to
+        # itself is rounding noise, which no mining uses).
+        off = ~torch.eye(16, dtype=torch.bool)
+        reference = TripletLoss(squared=squared).distances(unit)[off]
+        scaled = TripletLoss(squared=squared).distances(unit * norm)[off]
+        power = 2 if squared else 1
+        torch.testing.assert_close(scaled / norm**power, reference, rtol=1e-4, atol=1e-6)

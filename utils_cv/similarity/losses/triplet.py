@@ -170,12 +170,17 @@ class TripletLoss(nn.Module):
             # Distances do not change under a shift; centring shrinks the norms and with them
             # the rounding error, which matters most when embeddings crowd together.
             x = x - x.mean(dim=0, keepdim=True).detach()
+            # Scaled by a power of two near the largest coordinate, which is exact: the squared
+            # norms of embeddings as large as 1e20 would overflow float32 (inf - inf = NaN).
+            peak = x.detach().abs().max()
+            scale = torch.where(peak > 0, torch.exp2(torch.log2(peak).round()), 1.0)
+            x = x / scale
             norms = (x * x).sum(dim=1)
             squared = (norms[:, None] + norms[None, :] - 2 * x @ x.T).clamp(min=0)
         if self.squared:
-            return squared
+            return squared * scale**2
         # sqrt has an infinite slope at 0; clamping keeps gradients finite where points meet.
-        return squared.clamp(min=1e-12).sqrt()
+        return squared.clamp(min=1e-12).sqrt() * scale
 
     def _hinge(self, diff: torch.Tensor) -> torch.Tensor:
         """Loss per triplet from d(a, p) - d(a, n)."""
