@@ -28,16 +28,16 @@ from pathlib import Path
 
 from utils_cv.common.device import describe_device
 from utils_cv.similarity import compare
-from utils_cv.similarity.presets import IMAGENET, SCRATCH, lesson_settings, preset_config
-
-SETTINGS = {"scratch": SCRATCH, "imagenet": IMAGENET}
+from utils_cv.similarity.presets import SETTING_NAMES, lesson_settings, preset_config
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", default="auto", choices=["auto", "smoke", "cpu", "gpu"],
                         help="auto: gpu where CUDA is available, else cpu")  # fmt: skip
-    parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
+    parser.add_argument(
+        "--settings", nargs="+", choices=list(SETTING_NAMES), default=list(SETTING_NAMES)
+    )
     parser.add_argument("--methods", nargs="+", choices=[*compare.METHODS, *compare.ABLATIONS],
                         help="methods and ablations; default: every method and the preset's "
                         "ablations")  # fmt: skip
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     config = preset_config(args.preset, notebook="07_method_comparison", **overrides)
     print(describe_device(), f"| commit {commit['commit']} | results in {args.results}")
     loaded = lesson_settings(config, args.dataset, args.data_dir)
-    settings = {SETTINGS[key]: loaded[SETTINGS[key]] for key in args.settings}
+    settings = {SETTING_NAMES[key]: loaded[SETTING_NAMES[key]] for key in args.settings}
     start = time.perf_counter()
     trained = compare.train_missing(args.results, settings, config, args.methods)
     print(f"{trained} trained in {time.perf_counter() - start:.0f} s")

@@ -25,7 +25,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -36,6 +35,7 @@ from pathlib import Path
 import pytest
 
 from tests.notebooks.notebook_runner import ROOT, TRAININGS, notebook_path, trainings
+from tests.ports import free_port
 from utils_cv.similarity.runner import TRAINING_LOG
 
 NAME = "00_quickstart"
@@ -111,12 +111,6 @@ def set_parameters(source: Path, target: Path, **parameters) -> int:
             cell["outputs"], cell["execution_count"] = [], None
     target.write_text(json.dumps(notebook, indent=1))
     return sum(cell["cell_type"] == "code" for cell in cells)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _api(url: str, token: str, method: str = "GET") -> bytes:

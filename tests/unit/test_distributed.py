@@ -3,7 +3,6 @@ embeddings and whole train_run calls on two real CPU processes with the gloo bac
 equal to the single-process result. tests/distributed launches the command line with torchrun."""
 
 import os
-import socket
 
 import numpy as np
 import pytest
@@ -11,6 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from tests.ports import free_port
 from utils_cv.similarity import training
 from utils_cv.similarity.distributed import (
     DistributedPKSampler,
@@ -98,12 +98,6 @@ def global_batch(seed=0):
     generator = torch.Generator().manual_seed(seed)
     labels = torch.arange(WORLD * P).repeat_interleave(K)  # P classes of K per rank
     return torch.randn(len(labels), D, generator=generator), labels
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_loss(name):
@@ -229,7 +223,7 @@ def _rank_main(rank: int, port: int, out_dir: str) -> None:
 def two_ranks(tmp_path_factory):
     """Everything of this module on two gloo processes (one spawn: each imports fastai)."""
     out = tmp_path_factory.mktemp("ranks")
-    mp.spawn(_rank_main, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    mp.spawn(_rank_main, args=(free_port(), str(out)), nprocs=WORLD, join=True)
     return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
 
 

@@ -38,10 +38,9 @@ from utils_cv.common.device import describe_device
 from utils_cv.common.results import write_atomic
 from utils_cv.similarity import compare
 from utils_cv.similarity.distributed import init_distributed, rank0_first, world
-from utils_cv.similarity.presets import IMAGENET, SCRATCH, lesson_settings, preset_config
+from utils_cv.similarity.presets import SETTING_NAMES, lesson_settings, preset_config
 from utils_cv.similarity.training import load_checkpoint
 
-SETTINGS = {"scratch": SCRATCH, "imagenet": IMAGENET}
 MODEL_FILE, RUN_FILE = "model.pt", "run.json"
 
 
@@ -52,7 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="the pair-based loss under Embedding Expansion (--method ee)")  # fmt: skip
     parser.add_argument("--preset", default="auto", choices=["auto", "smoke", "cpu", "gpu"],
                         help="auto: gpu where CUDA is available (and no --cpu), else cpu")  # fmt: skip
-    parser.add_argument("--setting", default="scratch", choices=list(SETTINGS))
+    parser.add_argument("--setting", default="scratch", choices=list(SETTING_NAMES))
     parser.add_argument("--dataset", default="emoji", help="emoji, or a folder of class folders")
     parser.add_argument("--data-dir", type=Path, help="where the built-in data lives")
     parser.add_argument("--epochs", type=int, help="default: the preset's budget")
@@ -69,7 +68,7 @@ def recipe_config(recipe: dict[str, Any]) -> tuple[dict[str, Any], str]:
     config = preset_config(
         recipe["preset"], notebook="07_method_comparison", **{epochs_key: recipe["epochs"]}
     )
-    return config, SETTINGS[recipe["setting"]]
+    return config, SETTING_NAMES[recipe["setting"]]
 
 
 def main(argv: list[str] | None = None) -> int:

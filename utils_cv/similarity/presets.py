@@ -368,6 +368,8 @@ NOTEBOOK_PRESETS["06_embedding_expansion"] = {
 
 # The two settings every lesson trains in (``lesson_settings``).
 SCRATCH, IMAGENET = "from scratch", "from ImageNet"
+# Their names on the command line (benchmarks/compare.py, utils_cv.similarity.launch).
+SETTING_NAMES = {"scratch": SCRATCH, "imagenet": IMAGENET}
 
 
 # Notebook 07 and benchmarks/compare.py: every method at notebook 01's budget and batches, in
