@@ -16,8 +16,11 @@ SYSDEP_FILES := /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf \
                 /usr/share/fonts/opentype/unifont/unifont_upper.otf \
                 /usr/share/datasets/fashion-mnist
 LAB_OVERRIDES := $(VENV)/share/jupyter/lab/settings/overrides.json
+# The exact versions that last passed `make test`; `make env` installs them, `make lock`
+# refreshes them (then run `make test` and commit the file if it passes).
+LOCK := constraints.txt
 
-.PHONY: env sysdeps data run docs test test-unit test-notebooks test-gpu lab lint format compare benchmark clean
+.PHONY: env sysdeps data run docs test test-unit test-notebooks test-gpu test-thorough lock lab lint format compare benchmark clean
 
 env: sysdeps $(STAMP) $(LAB_OVERRIDES)
 
@@ -25,14 +28,28 @@ env: sysdeps $(STAMP) $(LAB_OVERRIDES)
 $(LAB_OVERRIDES): .jupyter/lab/settings/overrides.json $(STAMP)
 	install -D -m 644 $< $@
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -c $(LOCK) -e ".[dev]"
 	@# Strip notebook outputs on commit (a git filter, attributes in the tracked .gitattributes,
 	@# which exempts notebooks/recipes.ipynb); harmless outside a git checkout.
 	@$(BIN)/nbstripout --install --attributes .gitattributes >/dev/null 2>&1 || true
 	@touch $(STAMP)
+
+# Refresh $(LOCK): the newest versions pyproject.toml allows, resolved in a scratch
+# environment (so nothing installed by hand creeps in), written as name==version pins.
+LOCK_VENV := .venv-lock
+lock:
+	rm -rf $(LOCK_VENV) && $(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(LOCK_VENV)/bin/python -m pip install --quiet -e ".[dev]"
+	{ echo "# The exact versions that passed \`make test\` (Python $$($(LOCK_VENV)/bin/python -c 'import platform; print(platform.python_version())'), $$(uname -sm))."; \
+	  echo "# make env installs them (pip -c); refresh with \`make lock\`, then run make test and commit."; \
+	  $(LOCK_VENV)/bin/python -m pip list --format=freeze --exclude-editable \
+	    | grep -v -E '^(pip|setuptools|wheel)=='; } > $(LOCK).new
+	mv $(LOCK).new $(LOCK) && rm -rf $(LOCK_VENV)
+	@echo "Wrote $(LOCK); now run make test, and commit it if it passes."
 
 sysdeps:
 	@missing=""; for f in $(SYSDEP_FILES); do [ -e "$$f" ] || missing="$$missing $$f"; done; \
@@ -115,6 +132,10 @@ test-notebooks: data
 
 test-gpu: data
 	$(BIN)/python -m pytest -m gpu tests/gpu
+
+# The property suite with many more generated inputs than `make test` tries (minutes).
+test-thorough: env
+	HYPOTHESIS_PROFILE=thorough $(BIN)/python -m pytest tests/property -p no:nbval -o addopts=""
 
 # Notebook 07's stored results (results/compare/): every method x setting x seed that is not
 # stored yet, and the ablations (close to three hours on 2 idle cores from nothing; PRESET=gpu

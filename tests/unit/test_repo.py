@@ -14,8 +14,11 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parents[2]
+LOCK = ROOT / "constraints.txt"
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 
 
@@ -34,20 +37,71 @@ def _environment_pip_requirements() -> set[str]:
                 break
             continue
         value = stripped[2:].strip()
-        if value != "-e .":
+        if value not in ("-e .", f"-c {LOCK.name}"):
             requirements.add(_normalize(value))
     return requirements
 
 
-def test_environment_yml_mirrors_pyproject():
+def _declared() -> list[str]:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    declared = {_normalize(r) for r in project["dependencies"]}
-    declared |= {_normalize(r) for r in project["optional-dependencies"]["dev"]}
+    return project["dependencies"] + project["optional-dependencies"]["dev"]
+
+
+def _pins() -> dict[str, str]:
+    """constraints.txt as {canonical name: version}; every line a comment or name==version."""
+    pins = {}
+    for line in LOCK.read_text().splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
+        match = re.fullmatch(r"([A-Za-z0-9][A-Za-z0-9._-]*)==([A-Za-z0-9.+!_-]+)", line)
+        assert match, f"{LOCK.name}: {line!r} is not name==version"
+        pins[canonicalize_name(match[1])] = match[2]
+    return pins
+
+
+def test_environment_yml_mirrors_pyproject():
+    declared = {_normalize(r) for r in _declared()}
     in_conda = _environment_pip_requirements()
     assert in_conda == declared, (
         f"only in pyproject.toml: {sorted(declared - in_conda)}; "
         f"only in environment.yml: {sorted(in_conda - declared)}"
     )
+
+
+def test_the_lock_pins_every_declared_dependency_within_its_range():
+    pins = _pins()
+    for line in _declared():
+        requirement = Requirement(line)
+        name = canonicalize_name(requirement.name)
+        assert name in pins, f"{requirement.name} is declared but not pinned in {LOCK.name}"
+        assert requirement.specifier.contains(pins[name], prereleases=True), (
+            f"{LOCK.name} pins {name}=={pins[name]}, outside pyproject's {requirement}: "
+            "run make lock"
+        )
+
+
+def test_make_env_and_environment_yml_install_the_lock():
+    makefile = (ROOT / "Makefile").read_text()
+    assert f"LOCK := {LOCK.name}" in makefile
+    install = next(
+        line for line in makefile.splitlines() if '-e ".[dev]"' in line and "BIN" in line
+    )
+    assert "-c $(LOCK)" in install, install
+    assert f"- -c {LOCK.name}" in (ROOT / "environment.yml").read_text()
+
+
+def test_the_lock_matches_this_environment():
+    """What is installed here is what the lock says (make env installs it; a package added
+    by hand, or a version changed by hand, shows up here). Skipped outside make env's .venv."""
+    from importlib.metadata import distributions
+
+    installed = {canonicalize_name(d.metadata["Name"]): d.version for d in distributions()}
+    if canonicalize_name("utils_cv") not in installed:
+        pytest.skip("utils_cv is not installed in this environment")
+    pins = _pins()
+    # Pins of packages absent here (another platform's) are not compared.
+    differ = {n: (v, installed[n]) for n, v in pins.items() if installed.get(n, v) != v}
+    assert not differ, f"pinned vs installed: {differ}; run make env (or make lock)"
 
 
 def test_there_are_notebooks():
