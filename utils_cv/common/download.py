@@ -9,6 +9,7 @@ the destination (or paths that go through a link) and special files are refused.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import posixpath
@@ -17,6 +18,7 @@ import tarfile
 import urllib.request
 import uuid
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 _CHUNK = 1 << 20
@@ -120,6 +122,18 @@ def _check_tar(tar: tarfile.TarFile, archive: Path) -> None:
             )
 
 
+@contextlib.contextmanager
+def _refused_whole(archive: Path) -> Iterator[None]:
+    """Say, with a check's error, that nothing was extracted and what to do."""
+    try:
+        yield
+    except ValueError as error:
+        raise ValueError(
+            f"{error}; nothing was extracted. Such an archive is damaged or was tampered "
+            f"with: download it again from its official source"
+        ) from None
+
+
 def safe_extract(archive: str | os.PathLike, dest: str | os.PathLike) -> Path:
     """Extract a zip or tar (plain, .gz, .bz2, .xz) archive into ``dest``.
 
@@ -134,12 +148,14 @@ def safe_extract(archive: str | os.PathLike, dest: str | os.PathLike) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     if zipfile.is_zipfile(archive):
         with zipfile.ZipFile(archive) as zip_file:
-            for name in zip_file.namelist():
-                check_member_name(name, archive)
+            with _refused_whole(archive):
+                for name in zip_file.namelist():
+                    check_member_name(name, archive)
             zip_file.extractall(dest)
     elif tarfile.is_tarfile(archive):
         with tarfile.open(archive) as tar:
-            _check_tar(tar, archive)
+            with _refused_whole(archive):
+                _check_tar(tar, archive)
             if hasattr(tarfile, "data_filter"):
                 # Python's own filter re-checks the real paths while writing.
                 tar.extractall(dest, filter="data")

@@ -16,6 +16,7 @@ Seeds: a notebook that trains one model has a ``SEED`` parameter (an int) and pa
 from __future__ import annotations
 
 import copy
+import difflib
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -538,7 +539,9 @@ def preset_config(
         overrides = named | overrides
     unknown = sorted(set(overrides) - set(config))
     if unknown:
-        raise ValueError(f"unknown preset setting(s) {unknown}; known: {sorted(config)}")
+        close = {name: difflib.get_close_matches(name, config, n=1) for name in unknown}
+        hints = "".join(f" did you mean {m[0]!r} for {n!r}?" for n, m in close.items() if m)
+        raise ValueError(f"unknown preset setting(s) {unknown};{hints} known: {sorted(config)}")
     for key, value in overrides.items():
         if value is not None:
             _check_override(key, value, config[key])
@@ -559,12 +562,34 @@ _NAMES = {
     str: ("a string", "strings"),
     float: ("a number", "numbers"),
 }
+# The smallest value of each numeric setting (settings a preset or notebook adds that are not
+# here are checked for their type only); learning rates must be above 0.
+MINIMUM: dict[str, int | float] = {
+    "epochs": 1,
+    "finetune_epochs": 1,
+    "batch_size": 2,
+    "embedding_size": 1,
+    "image_size": 1,
+    "finetune_image_size": 1,
+    "max_classes": 2,
+    "max_per_class": 1,
+    "workers": 0,
+    "frozen_stages": 0,
+}
+POSITIVE = ("lr", "finetune_lr")
 # What an error shows as a valid value of a list setting whose preset list is empty.
 LIST_EXAMPLES: dict[str, list] = {"cures": ["batch_hard_low_lr"], "sweep_margins": [0.05, 0.2]}
 
 
 def _check_override(key: str, value: Any, default: Any) -> None:
-    """Refuse an override whose type does not match the preset's value, e.g. ``SEEDS="[0, 1]"``."""
+    """Refuse an override whose type does not match the preset's value, e.g. ``SEEDS="[0, 1]"``,
+    or a number out of its setting's range (``MINIMUM``, ``POSITIVE``), e.g. ``EPOCHS=0``."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        example = "" if default is None else f", for example {default!r}"
+        if key in POSITIVE and not value > 0:
+            raise ValueError(f"{key.upper()}={value!r} must be above 0{example}")
+        if key in MINIMUM and not value >= MINIMUM[key]:
+            raise ValueError(f"{key.upper()}={value!r} must be at least {MINIMUM[key]}{example}")
     if default is None:  # no type to compare with (max_classes: None means all classes)
         return
     if isinstance(default, list):

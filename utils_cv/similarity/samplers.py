@@ -97,7 +97,8 @@ class ClassBalancedBatchSampler:
             warnings.warn(
                 f"{small} of {num_classes} classes have fewer than samples_per_class="
                 f"{samples_per_class} images (the smallest has {counts.min()}); their batches "
-                "repeat images (drawn with replacement)",
+                "repeat images (drawn with replacement); add images or lower samples_per_class "
+                "for distinct ones",
                 stacklevel=2,
             )
         self.classes_per_batch = classes_per_batch

@@ -104,13 +104,19 @@ def load_image_folder(
         class_names.append(class_dir.name)
     problems = []
     if skipped:
-        problems.append(f"skipped {len(skipped)} files: {_listing(skipped)}")
+        problems.append(
+            f"skipped {len(skipped)} files (re-save or remove them; nothing was changed): "
+            + _listing(skipped)
+        )
     if empty:
-        problems.append(f"{len(empty)} class folders without readable images: {_listing(empty)}")
+        problems.append(
+            f"{len(empty)} class folders without readable images (add images or remove the "
+            f"folders): {_listing(empty)}"
+        )
     if single:
         problems.append(
-            f"{len(single)} classes have one image and cannot be retrieval queries: "
-            + _listing(single)
+            f"{len(single)} classes have one image and cannot be retrieval queries (add a "
+            f"second image to make them queries): {_listing(single)}"
         )
     if not images:
         raise ValueError(
