@@ -370,7 +370,7 @@ class EmbeddingIndex:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> EmbeddingIndex:
-        """Read an index written by `save`."""
+        """Read an index written by `save`; ValueError naming the file if one is cut short."""
         import faiss
 
         path = Path(path)
@@ -380,7 +380,11 @@ class EmbeddingIndex:
             raise FileNotFoundError(
                 f"{path} is not a saved index: missing {missing}; write one with EmbeddingIndex.save"
             )
-        meta = json.loads(files[0].read_text())
+        fix = "probably cut short (a full disk, an interrupted copy); save the index again"
+        try:
+            meta = json.loads(files[0].read_text())
+        except ValueError as error:  # also a file cut short
+            raise ValueError(f"{files[0]} is not whole JSON ({error}): {fix}") from error
         if meta.get("format") != FORMAT:
             raise ValueError(
                 f"{path} was saved in index format {meta.get('format')}, this code reads {FORMAT}; "
@@ -390,7 +394,12 @@ class EmbeddingIndex:
         index = cls(meta["dim"], meta["kind"], meta["metric"], model=meta["model"], **{
             key: p[key] for key in ("nlist", "nprobe", "pq_bytes", "hnsw_m", "ef_search", "seed")})  # fmt: skip
         read = faiss.read_index_binary if meta["kind"] == "binary_flat" else faiss.read_index
-        index._faiss = read(str(files[1]))
+        try:
+            index._faiss = read(str(files[1]))
+        except RuntimeError as error:  # faiss's error for a file shorter than it says
+            raise ValueError(
+                f"{files[1]} cannot be read whole ({files[1].stat().st_size} bytes): {fix}"
+            ) from error
         index.ids = np.asarray(meta["ids"], dtype=np.int64)
         index.labels, index.paths = meta["labels"], meta["paths"]
         binary = meta["kind"] == "binary_flat"

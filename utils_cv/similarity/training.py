@@ -210,6 +210,8 @@ class LossStatsCallback(Callback):
     {"active_fraction": 0.4}, "softmax": 2.1}`` becomes "loss_triplet_active_fraction" and
     "loss_softmax". Entries that are not numbers are ignored. Epochs are counted across
     fits (a warm-up fit and the main fit form one history); the lr finder's are skipped.
+    A training loss that became NaN or inf stops the fit at the end of that epoch with a
+    FloatingPointError that names the learning rates.
 
     Attributes:
         history: one dict per epoch: "epoch", "train_loss" (fastai's smoothed loss at the
@@ -236,6 +238,18 @@ class LossStatsCallback(Callback):
         for name, value in _flat_numbers(stats):
             self._sums[name] = self._sums.get(name, 0.0) + value
             self._counts[name] = self._counts.get(name, 0) + 1
+
+    def after_train(self):
+        # fastai's smoothed loss stays NaN or inf once one batch's loss was, so one look per
+        # epoch (before validation embeds with the broken weights) sees every batch.
+        loss = float(self.recorder.smooth_loss.value)
+        if not math.isfinite(loss):
+            rates = " and ".join(f"{group['lr']:.3g}" for group in self.opt.hypers)
+            raise FloatingPointError(
+                f"the training loss became {loss} in epoch {self._epochs_done}: the training "
+                f"diverged at learning rate {rates} (model and loss groups); lower the "
+                "learning rate, e.g. ten times, or pick one with learn.lr_find()"
+            )
 
     def after_epoch(self):
         means = {f"loss_{k}": v / self._counts[k] for k, v in self._sums.items()}
@@ -341,7 +355,7 @@ class RetrievalCallback(Callback):
         if self._best_state is not None:
             state = self._best_state
         else:
-            state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)
+            state = _read_checkpoint(self.checkpoint_path)
         model.load_state_dict(state["model"])
         # The best epoch may belong to an earlier fit with another loss (a warm-up): then the
         # saved loss state is that loss's, and the current loss keeps its own parameters.
@@ -372,7 +386,10 @@ class RetrievalCallback(Callback):
         fd, tmp = tempfile.mkstemp(dir=self.checkpoint_path.parent, suffix=".tmp")
         os.close(fd)
         try:
-            torch.save(state, tmp)
+            # Through a file object: torch names the zip's inner folder after a path it is
+            # given (here a random temporary name), so equal states gave unequal bytes.
+            with open(tmp, "wb") as file:
+                torch.save(state, file)
             os.replace(tmp, self.checkpoint_path)
         except BaseException:
             os.unlink(tmp)
@@ -397,16 +414,28 @@ def load_checkpoint(
 ) -> dict:
     """Load a checkpoint written by ``RetrievalCallback`` into ``model`` (and ``loss``).
 
-    Loads with ``weights_only=True``: tensors and plain values only, no code.
+    Loads with ``weights_only=True``: tensors and plain values only, no code. A file that
+    cannot be read whole (cut short, damaged) raises ValueError naming it.
 
     Returns:
         {"epoch": int, "metrics": dict of the validation scores at that epoch}.
     """
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = _read_checkpoint(path)
     model.load_state_dict(state["model"])
     if loss is not None:
         loss.load_state_dict(state["loss"])
     return {"epoch": state["epoch"], "metrics": state["metrics"]}
+
+
+def _read_checkpoint(path: str | os.PathLike) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError) as error:  # torch's errors for a cut or damaged zip file
+        raise ValueError(
+            f"{path} is not a whole checkpoint ({os.path.getsize(path)} bytes that torch.load "
+            "cannot read): it was probably cut short, by a full disk or an interrupted copy; "
+            "train again to write it"
+        ) from error
 
 
 def torch_optimizer(

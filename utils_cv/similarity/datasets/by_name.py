@@ -128,14 +128,15 @@ def load_dataset(
 
 def _build_every_design(root: Path, packages: Path, designs: list[str] | None) -> None:
     """Build all eight designs, whichever are asked now; offline, the fonts alone will do
-    when only font designs are asked (a later "emoji" then asks for a rebuild)."""
+    when only font designs are asked (a later "emoji" then asks for a rebuild). A build
+    that another process finished meanwhile is kept."""
     try:
-        build_emoji(root, packages=packages)
+        build_emoji(root, packages=packages, if_missing=True)
     except PackageFetchError as error:
         if designs is None or not set(designs) <= set(FONT_DESIGNS):
             raise
         warnings.warn(f"building the font designs only: {error}", stacklevel=3)
-        build_emoji(root, designs=FONT_DESIGNS)
+        build_emoji(root, designs=FONT_DESIGNS, if_missing=True)
 
 
 def _emoji_designs(name: str) -> list[str] | None:

@@ -29,13 +29,15 @@ are rejected.
     fingerprint.json                 sha256 of manifest + images, build parameters, versions
 
 The build happens in a temporary folder that replaces ``root`` only when complete,
-so an interrupted build never leaves half a dataset. The same fonts and packages
-give byte-identical files, hence the same fingerprint.
+so an interrupted build never leaves half a dataset. One build of a folder runs at a time,
+across processes (a lock on the folder above it), so processes that start at once build
+it once. The same fonts and packages give byte-identical files, hence the same fingerprint.
 """
 
 from __future__ import annotations
 
 import csv
+import fcntl
 import hashlib
 import io
 import json
@@ -45,6 +47,7 @@ import tempfile
 import uuid
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import PIL
@@ -181,6 +184,7 @@ def build_emoji(
     max_classes: int | None = None,
     fonts: Mapping[str, str | os.PathLike] | None = None,
     packages: str | os.PathLike | None = None,
+    if_missing: bool = False,
 ) -> Path:
     """Build the emoji benchmark into ``root`` (default: the repository's data/emoji).
 
@@ -189,11 +193,53 @@ def build_emoji(
     stable sample of that many classes (see :func:`emoji_classes`); fonts: font file
     overrides by key (see :func:`find_fonts`); packages: folder where the npm archives of
     the image designs are cached (default: the repository's data/npm), fetched when missing.
-    An existing ``root`` is replaced only once the new build is complete.
-    Returns the path of ``root``.
+    An existing ``root`` is replaced only once the new build is complete; if_missing: keep
+    it as it is instead (checked once no other process is building it, so that of several
+    processes started at once only the first builds). Returns the path of ``root``.
     """
     root = Path(DEFAULT_ROOT if root is None else root)
     params = build_parameters(image_size, designs, include_skin_tones, max_classes)
+    with _build_lock(root):
+        if not (if_missing and (root / "manifest.csv").exists()):
+            _remove_unfinished(root)
+            _build(root, params, fonts, packages)
+    return root
+
+
+@contextmanager
+def _build_lock(root: Path) -> Iterator[None]:
+    """Wait until no other process builds into ``root``'s parent folder, and hold it.
+
+    The lock is on that folder itself, so it adds no file; the system releases it when the
+    process ends, however it ends (even by SIGKILL).
+    """
+    root.parent.mkdir(parents=True, exist_ok=True)
+    folder = os.open(root.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(folder, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(folder)  # releases the lock
+
+
+def _remove_unfinished(root: Path) -> None:
+    """Delete what a build that was killed left beside ``root`` (held under the build lock,
+    so no running build owns them)."""
+    prefixes = (f".{root.name}.building-", f".{root.name}.old-")
+    for path in root.parent.iterdir():
+        if path.name.startswith(prefixes):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _build(
+    root: Path,
+    params: dict,
+    fonts: Mapping[str, str | os.PathLike] | None,
+    packages: str | os.PathLike | None,
+) -> None:
+    """``build_emoji``'s work, done while it holds the build lock."""
+    image_size, include_skin_tones = params["image_size"], params["include_skin_tones"]
+    max_classes = params["max_classes"]
     font_designs = [d for d in params["designs"] if d in FONT_DESIGNS]
     keys = sorted({k for d in ("openmoji", "noto", *font_designs) for k in DESIGN_FONTS[d]})
     paths = find_fonts(fonts, keys=[k for k in FONT_KEYS if k in keys])
@@ -208,7 +254,6 @@ def build_emoji(
     )
     skipped.update(not_matched)
 
-    root.parent.mkdir(parents=True, exist_ok=True)
     # Hidden sibling on the same file system, so the final rename is atomic; mkdir (unlike
     # tempfile.mkdtemp, which makes it private) keeps the user's umask permissions.
     tmp = root.parent / f".{root.name}.building-{uuid.uuid4().hex[:12]}"
@@ -259,7 +304,6 @@ def build_emoji(
         _replace_dir(tmp, root)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return root
 
 
 def _render_font_design(
@@ -385,6 +429,7 @@ def load_emoji(
             max_classes=max_classes,
             fonts=fonts,
             packages=packages,
+            if_missing=not rebuild,  # another process may have built it meanwhile
         )
     check_emoji(root, {k: v for k, v in params.items() if k != "image_size"}, fonts)
     with open(root / "manifest.csv", newline="", encoding="utf-8") as file:
