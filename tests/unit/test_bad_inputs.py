@@ -327,7 +327,7 @@ def test_bad_input_message_names_the_culprit_and_the_fix(case: Case, tmp_path: P
 
 def _docs_rows() -> list[str]:
     text = DOCS_PAGE.read_text()
-    table = text.split("## What happens when", 1)[1]
+    table = text.split("## What happens when", 1)[1].split("\n## ", 1)[0]
     rows = [line for line in table.splitlines() if line.startswith("| ")]
     return [row.split("|")[1].strip() for row in rows[1:]]  # minus the header row
 
