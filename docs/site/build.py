@@ -31,9 +31,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 BUILD = ROOT / "build" / "docs"
 # Guides and results, in the order the navigation shows them (docs/README.md lists them all).
-GUIDES = ["docs/README", "docs/lessons", "docs/results", "docs/datasets", "docs/evaluation",
-          "docs/distributed", "docs/triplet_collapse", "docs/reliability", "docs/testing",
-          "docs/layout", "data/README", "benchmarks/README"]  # fmt: skip
+GUIDES = ["docs/README", "docs/lessons", "docs/results", "docs/datasets", "docs/benchmarks/cub",
+          "docs/benchmarks/cars196", "docs/benchmarks/sop", "docs/benchmarks/inshop",
+          "docs/evaluation", "docs/distributed", "docs/triplet_collapse", "docs/reliability",
+          "docs/testing", "docs/layout", "data/README", "benchmarks/README"]  # fmt: skip
 # Notebook 08's retrieval browser (ipywidgets) is live in JupyterLab only; its saved view would
 # load the widget manager from a CDN. The notebook draws a static figure of it too.
 WIDGET = "application/vnd.jupyter.widget-view+json"

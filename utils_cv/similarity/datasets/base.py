@@ -189,15 +189,24 @@ def class_split(name: str, test_fraction: float = 0.5, val_fraction: float = 0.2
     return "train"
 
 
+# Domains that name their roles, as In-Shop's test images do: the pair is always these, in
+# this order, whichever has more images.
+QUERY_GALLERY: tuple[str, str] = ("query", "gallery")
+
+
 def cross_domain_pair(data: ImageData) -> tuple[str, str] | None:
     """The (query, reference) domains of the cross-domain view, or None without domains.
 
-    The two domains with the most images (ties: the one seen first), e.g. ("openmoji",
-    "noto") on the emoji data. None when fewer than two non-empty domains exist.
+    Domains named "query" and "gallery" (In-Shop's protocol) give ("query", "gallery"),
+    whichever has more images. Otherwise the two domains with the most images (ties: the one
+    seen first), e.g. ("openmoji", "noto") on the emoji data. None when fewer than two
+    non-empty domains exist.
     """
     counts = Counter(domain for domain in data.domains if domain)
     if len(counts) < 2:
         return None
+    if set(QUERY_GALLERY) <= set(counts):
+        return QUERY_GALLERY
     first_seen = {domain: i for i, domain in reversed(list(enumerate(data.domains)))}
     ranked = sorted(counts, key=lambda domain: (-counts[domain], first_seen[domain]))
     return ranked[0], ranked[1]

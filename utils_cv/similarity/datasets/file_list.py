@@ -1,0 +1,310 @@
+"""A dataset as a list of image files (paths, labels, splits, no pixels), and the checks the
+loaders of the paper benchmarks share.
+
+CUB-200-2011, Cars196, Stanford Online Products and In-Shop hold 12,000 to 120,000 photos,
+too many to keep decoded at full size. Their loaders (``cub``, ``cars196``, ``sop``,
+``inshop``) return a :class:`FileList`; ``FileList.load`` decodes it into an ``ImageData``
+at one size, exactly as ``load_image_folder`` reads a folder. The helpers below read the
+benchmarks' index files line by line, list images that are missing, compare class counts
+with the official ones and download an archive into the cache, always with a message that
+names the file and the fix.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from utils_cv.common.download import download, safe_extract
+from utils_cv.similarity.datasets.base import (
+    SPLITS,
+    WHITE,
+    ImageData,
+    _resize_square,
+    _to_tensor,
+    class_split,
+)
+
+# Missing images are listed up to this many in an error (the count is always complete).
+_MAX_LISTED = 5
+
+
+@dataclass
+class FileList:
+    """Image files with labels, class names, splits and domains, not yet decoded.
+
+    root: the dataset's folder, as given to its loader.
+    paths: (N,) absolute path of each image file.
+    labels: (N,) int64, index into ``class_names``.
+    class_names: global list of class names; labels index into it.
+    splits: (N,) "train" | "val" | "test" per image.
+    domains: (N,) per image, e.g. In-Shop's "query" and "gallery"; "" where not meaningful.
+    super_classes: (N,) per image (Stanford Online Products' categories, e.g.
+    "bicycle_final"), or None.
+    """
+
+    root: Path
+    paths: list[str]
+    labels: torch.Tensor
+    class_names: list[str]
+    splits: list[str]
+    domains: list[str]
+    super_classes: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        self.root = Path(self.root)
+        n = len(self.paths)
+        lengths = {"labels": len(self.labels), "splits": len(self.splits)}
+        lengths["domains"] = len(self.domains)
+        if self.super_classes is not None:
+            lengths["super_classes"] = len(self.super_classes)
+        bad = {k: v for k, v in lengths.items() if v != n}
+        if bad:
+            raise ValueError(f"{n} paths but lengths {bad}; every per-image field needs N={n}")
+        if self.labels.dtype != torch.int64 or self.labels.dim() != 1:
+            raise ValueError(
+                f"labels must be (N,) int64, got {tuple(self.labels.shape)} {self.labels.dtype}"
+            )
+        if n and (self.labels.min() < 0 or self.labels.max() >= len(self.class_names)):
+            raise ValueError(
+                f"labels must index class_names (0..{len(self.class_names) - 1}), got range "
+                f"{int(self.labels.min())}..{int(self.labels.max())}"
+            )
+        unknown = sorted(set(self.splits) - set(SPLITS))
+        if unknown:
+            raise ValueError(f"unknown split names {unknown}; expected {list(SPLITS)}")
+        relative = [p for p in self.paths if not os.path.isabs(p)]
+        if relative:
+            raise ValueError(
+                f"{len(relative)} paths are relative, e.g. {relative[0]!r}; give absolute paths "
+                "(root / path) so the list reads the same from any working directory"
+            )
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __repr__(self) -> str:
+        counts = {s: self.splits.count(s) for s in SPLITS if s in self.splits}
+        return (
+            f"FileList({len(self)} images under {self.root}, {self.num_classes} classes, "
+            f"splits {counts})"
+        )
+
+    @property
+    def num_classes(self) -> int:
+        """Number of distinct labels present (not ``len(class_names)``)."""
+        return int(torch.unique(self.labels).numel())
+
+    def subset(self, index: torch.Tensor | Sequence[int] | Sequence[bool]) -> FileList:
+        """Files selected by a bool mask (N,) or integer indices; keeps ``class_names``."""
+        index = torch.as_tensor(index)
+        if index.dtype == torch.bool:
+            if index.shape != (len(self),):
+                raise ValueError(f"bool mask has shape {tuple(index.shape)}, needs ({len(self)},)")
+            index = index.nonzero().flatten()
+        keep = index.long().tolist()
+        return FileList(
+            root=self.root,
+            paths=[self.paths[i] for i in keep],
+            labels=self.labels[index.long()],
+            class_names=list(self.class_names),
+            splits=[self.splits[i] for i in keep],
+            domains=[self.domains[i] for i in keep],
+            super_classes=(
+                None if self.super_classes is None else [self.super_classes[i] for i in keep]
+            ),
+        )
+
+    def split(self, name: str) -> FileList:
+        """The files whose split is ``name`` ("train", "val" or "test")."""
+        if name not in SPLITS:
+            raise ValueError(f"split {name!r} unknown; use one of {list(SPLITS)}")
+        return self.subset([s == name for s in self.splits])
+
+    def load(self, image_size: int, background: tuple[int, int, int] = WHITE) -> ImageData:
+        """Every file decoded as ``load_image_folder`` decodes images: RGB as ``to_rgb`` says
+        (EXIF orientation, transparency onto ``background``), shorter side resized to
+        ``image_size``, centre cropped. Labels, class names, splits, domains and paths are
+        kept (super-classes are not: ImageData has no field for them).
+
+        Raises ValueError naming the first file that cannot be decoded; a benchmark's files
+        are all expected to be readable, so none is skipped silently.
+        """
+        images = []
+        for path in self.paths:
+            try:
+                with Image.open(path) as image:
+                    images.append(_resize_square(image, image_size, background))
+            except (
+                UnidentifiedImageError,
+                OSError,
+                ValueError,
+                Image.DecompressionBombError,
+            ) as error:
+                raise ValueError(
+                    f"cannot read image {path} ({error}); the file is damaged or not an image: "
+                    "extract it again from the dataset's archive, or leave it out with "
+                    "FileList.subset"
+                ) from error
+        return ImageData(
+            images=_to_tensor(images),
+            labels=self.labels.clone(),
+            class_names=list(self.class_names),
+            splits=list(self.splits),
+            domains=list(self.domains),
+            paths=list(self.paths),
+        )
+
+
+def read_index(
+    path: Path, columns: Sequence[str], fix: str, *, header: bool = False, count: bool = False
+) -> list[list]:
+    """The rows of a whitespace-separated index file, one list of values per line.
+
+    ``columns`` names the values of a line in order; a name ending in ":int" is parsed as
+    an integer, e.g. ``("image_id:int", "path")`` for CUB's images.txt. With ``header``
+    the first line must be the column names (Stanford Online Products), with ``count`` a
+    first line holds the number of rows (In-Shop, whose header follows it). Blank lines
+    are skipped. Raises FileNotFoundError for a missing file and ValueError naming the
+    file, the line and ``fix`` for a malformed one.
+    """
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; {fix}")
+    names = [c.removesuffix(":int") for c in columns]
+    lines = [
+        (number, line.split())
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+        if line.strip()
+    ]
+    expected = None
+    if count:
+        if not lines or len(lines[0][1]) != 1 or not lines[0][1][0].isdigit():
+            raise ValueError(f"{path}: the first line must be the number of images; {fix}")
+        expected = int(lines.pop(0)[1][0])
+    if header:
+        if not lines or lines[0][1] != names:
+            found = " ".join(lines[0][1]) if lines else "nothing"
+            raise ValueError(
+                f"{path}: the header line must be {' '.join(names)!r}, found {found!r}; {fix}"
+            )
+        lines.pop(0)
+    rows = []
+    for number, values in lines:
+        try:
+            if len(values) != len(columns):
+                raise ValueError
+            rows.append(
+                [int(v) if c.endswith(":int") else v for v, c in zip(values, columns, strict=True)]
+            )
+        except ValueError:
+            raise ValueError(
+                f"{path}, line {number}: expected {len(columns)} values "
+                f"({' '.join(names)}), found {' '.join(values)!r}; {fix}"
+            ) from None
+    if expected is not None and expected != len(rows):
+        raise ValueError(
+            f"{path}: its first line says {expected} images but it lists {len(rows)}; the file "
+            f"is cut short or edited; {fix}"
+        )
+    return rows
+
+
+def check_images_exist(paths: Sequence[str], index: Path, fix: str) -> None:
+    """FileNotFoundError listing the first few of ``paths`` (listed in ``index``) that do
+    not exist, with their count and ``fix``."""
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        shown = "\n  ".join(missing[:_MAX_LISTED])
+        more = (
+            f"\n  ... and {len(missing) - _MAX_LISTED} more" if len(missing) > _MAX_LISTED else ""
+        )
+        raise FileNotFoundError(
+            f"{len(missing)} of the {len(paths)} images listed in {index} are missing:\n  "
+            f"{shown}{more}\n{fix}"
+        )
+
+
+def check_class_count(found: int, official: int, what: str, index: Path) -> None:
+    """Warn when ``index`` lists another number of ``what`` (e.g. "training classes") than
+    the official data has (a partial copy, or a small fixture such as the tests write)."""
+    if found != official:
+        warnings.warn(
+            f"{index} lists {found:,} {what}; the official dataset has {official:,}. "
+            "Fine for a fixture or a subset; for the papers' numbers download the whole "
+            "dataset again",
+            stacklevel=3,
+        )
+
+
+def official_split(is_test: bool, name: str, val_fraction: float) -> str:
+    """The split of a class: "test" for the official test classes; of the training classes
+    about ``val_fraction`` go to "val" by ``class_split``'s stable hash of ``name``."""
+    return "test" if is_test else class_split(name, test_fraction=0.0, val_fraction=val_fraction)
+
+
+def choose_root(
+    root: str | os.PathLike | None, download: bool, dataset: str, fetched: Callable[[], Path]
+) -> Path:
+    """``root`` as a Path, or the folder ``fetched()`` downloads into the cache when
+    ``download`` is set; ValueError when neither or both are given."""
+    if (root is None) == (not download):
+        raise ValueError(
+            f"{dataset}: pass root (the dataset's folder) or download=True (fetched into the "
+            "cache, data_dir), not both and not neither; nothing is ever written into root"
+        )
+    return Path(root).expanduser() if root is not None else fetched()
+
+
+def fetch_archive(
+    name: str,
+    urls: Sequence[str],
+    sha256: str,
+    filename: str,
+    data_dir: str | os.PathLike | None,
+    fix: str,
+) -> Path:
+    """``<cache>/<name>``, holding ``filename`` extracted (downloaded first when missing).
+
+    Each of ``urls`` is tried in turn; the archive must match ``sha256``. It is extracted
+    by ``safe_extract`` into a temporary folder of the cache, renamed into place when
+    complete (an interrupted extraction is never mistaken for a finished one); the archive
+    is then deleted. Raises OSError naming the URLs and ``fix`` when none could be fetched.
+    """
+    # Imported when needed: by_name imports the dataset modules, and will import the
+    # loaders once load_dataset names the benchmarks (a circle at import time).
+    from utils_cv.similarity.datasets.by_name import cache_dir
+
+    cache = cache_dir(data_dir)
+    folder = cache / name
+    if folder.is_dir():
+        return folder
+    archive = cache / "downloads" / filename
+    failures = []
+    for url in urls:
+        try:
+            download(url, archive, sha256, timeout=120)
+            break
+        except (OSError, ValueError) as error:  # urllib's errors are OSErrors
+            failures.append(f"{url}: {error}")
+    else:
+        raise OSError(f"could not download {filename}:\n  " + "\n  ".join(failures) + f"\n{fix}")
+    partial = cache / f".{name}.{uuid.uuid4().hex[:12]}.partial"
+    try:
+        safe_extract(archive, partial)
+        try:
+            os.rename(partial, folder)
+        except OSError:
+            if not folder.is_dir():  # else another process finished the same extraction
+                raise
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    archive.unlink(missing_ok=True)
+    return folder
