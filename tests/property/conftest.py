@@ -2,8 +2,10 @@
 
 ``quick`` (the default, in ``make test``) keeps the whole suite near a minute on 2 cores;
 ``thorough`` (``make test-thorough``, HYPOTHESIS_PROFILE=thorough) tries many more inputs.
-Both are derandomized: a failure in CI repeats on the next run and on a laptop, and the
-``@example`` s written on the tests pin the cases that once failed.
+``quick`` is derandomized, so a failure in CI repeats on the next run and on a laptop;
+``thorough`` draws new inputs each run and keeps failures in hypothesis's database
+(``.hypothesis/``, git-ignored) so that they replay. The ``@example`` s written on the tests
+pin the cases that once failed.
 """
 
 import os

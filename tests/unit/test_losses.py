@@ -41,6 +41,22 @@ def test_softmax_loss_trains_its_classifier_and_the_embeddings():
         assert tensor.grad is not None and tensor.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64], ids=["bfloat16", "float64"])
+def test_softmax_loss_takes_embeddings_of_another_dtype_than_its_classifier(dtype):
+    # bfloat16 embeddings met the float32 classifier in a matrix product and failed with
+    # "mat1 and mat2 must have the same dtype"; both are computed in the wider dtype now.
+    torch.manual_seed(0)
+    loss = SoftmaxLoss(embedding_size=6, num_classes=4)
+    embeddings, labels = torch.randn(10, 6).to(dtype), torch.randint(0, 4, (10,))
+    value = loss(embeddings.requires_grad_(), labels)
+    value.backward()
+    wide = torch.promote_types(dtype, torch.float32)
+    weight, bias = loss.classifier.weight.to(wide), loss.classifier.bias.to(wide)
+    expected = F.cross_entropy(embeddings.to(wide) @ weight.T + bias, labels)
+    assert value.dtype == wide and embeddings.grad.dtype == dtype
+    torch.testing.assert_close(value, expected)
+
+
 @pytest.mark.parametrize("bad_label", [-1, 3])
 def test_softmax_loss_refuses_labels_out_of_range(bad_label):
     loss = SoftmaxLoss(embedding_size=4, num_classes=3)

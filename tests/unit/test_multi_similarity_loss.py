@@ -305,6 +305,55 @@ def test_half_precision_inputs_are_computed_in_float32():
     assert value.item() == pytest.approx(expected, rel=1e-5)
 
 
+@pytest.mark.parametrize("epsilon", [EPSILON, None])
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_a_non_finite_embedding_gives_a_nan_loss_not_a_finite_one(bad, epsilon):
+    """Mining compared similarities with NaN, which is False, and so dropped every pair of a
+    NaN row: the loss stayed finite (about 0.1 to 3) while the gradients were NaN, hiding the
+    failure from the loss curve. Such pairs are kept now, and the loss turns NaN."""
+    x, labels = random_batch(0)
+    x = F.normalize(x, dim=1)
+    x[3, 0 if bad == math.inf else slice(None)] = bad
+    value, _ = grads(lambda e: MultiSimilarityLoss(epsilon=epsilon)(e, labels), x)
+    assert math.isnan(value.item())
+
+
+def test_similarities_of_ordinary_embeddings_are_the_plain_dot_products_to_the_bit():
+    x, _ = random_batch(0)
+    for embeddings in (x, F.normalize(x, dim=1), x.double()):
+        assert torch.equal(
+            MultiSimilarityLoss().similarities(embeddings), embeddings @ embeddings.T
+        )
+
+
+def test_dot_products_that_overflow_float32_are_inf_not_nan():
+    # Coordinates of 3.5e19: their products overflow to +inf and -inf, and a plain matrix
+    # product of these three rows gives inf - inf = NaN for x0 . x1, which is exactly 0.
+    x = torch.tensor([[1.0, 1.0] * 4, [1.0, -1.0] * 4, [1.0, 1.0] * 4]) * (1e20 / 8**0.5)
+    s = MultiSimilarityLoss().similarities(x)
+    assert s[0, 1] == 0 and s[0, 2] == math.inf and not s.isnan().any()
+
+
+@pytest.mark.parametrize("epsilon", [EPSILON, None])
+def test_embeddings_too_large_for_float32_are_an_error_not_an_inf_loss(epsilon):
+    """Embeddings of norm 1e20 once gave an inf loss and non-finite gradients; their
+    similarities (1e40) do not exist in float32, so the loss says so."""
+    x, labels = random_batch(0)
+    x = F.normalize(x, dim=1)
+    ms = MultiSimilarityLoss(epsilon=epsilon)
+    with pytest.raises(ValueError, match="overflows float32: similarities.*reach inf.*normalize"):
+        ms(x * 1e20, labels)
+    # Up to the limit (2.7e36, here norms of 1e17), loss and gradients are finite and right.
+    value, grad = grads(lambda e: ms(e, labels), x * 1e17)
+    expected, expected_grad = grads(lambda e: ms(e, labels), (x * 1e17).double())
+    assert torch.isfinite(grad).all()
+    torch.testing.assert_close(value, expected.float())
+    torch.testing.assert_close(grad, expected_grad.float())
+    # Past it, the gradient could overflow through the scale though the loss is finite.
+    with pytest.raises(ValueError, match="overflows float32"):
+        ms(torch.tensor([[1.0], [1.0], [1.0], [1e20]]), torch.tensor([0, 0, 1, 1]))
+
+
 def test_stats_are_over_all_pairs_by_hand():
     # 4 points in 1-D: classes {1, 0.5} and {-1, 0.25}; no mining.
     x = torch.tensor([[1.0], [0.5], [-1.0], [0.25]])

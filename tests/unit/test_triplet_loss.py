@@ -336,6 +336,8 @@ def test_loss_and_gradients_stay_finite_for_tiny_and_huge_embeddings(mining, nor
     labels = torch.arange(4).repeat_interleave(4)
     for squared in (False, True):
         if squared and norm == 1e20:  # squared distances of 1e40 do not exist in float32
+            with pytest.raises(ValueError, match="overflows float32: squared distances reach inf"):
+                TripletLoss(0.2, mining=mining, squared=True)(unit * norm, labels)
             continue
         embeddings = (unit * norm).requires_grad_()
         loss = TripletLoss(0.2, mining=mining, squared=squared)(embeddings, labels)
@@ -348,3 +350,40 @@ def test_loss_and_gradients_stay_finite_for_tiny_and_huge_embeddings(mining, nor
         scaled = TripletLoss(squared=squared).distances(unit * norm)[off]
         power = 2 if squared else 1
         torch.testing.assert_close(scaled / norm**power, reference, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("mining", MININGS)
+def test_squared_distances_past_the_float32_limit_are_an_error_not_an_inf_gradient(mining):
+    """Only negatives are 4e38 apart (inf): every triplet with them is satisfied and the loss
+    (1e31 for batch-all) stayed finite, but its gradient passes through the square of the
+    distances' power-of-two scale and was inf. Past 2.7e36 the loss refuses the batch."""
+    x = torch.tensor([[0.0], [-1e19], [1e19], [1e19]])
+    loss = TripletLoss(0.2, mining=mining, squared=True)
+    with pytest.raises(ValueError, match=r"overflows float32.*past 2.66e\+36.*squared=False"):
+        loss(x, LINE_LABELS)
+    # Unsquared, the same batch is fine.
+    embeddings = x.clone().requires_grad_()
+    TripletLoss(0.2, mining=mining)(embeddings, LINE_LABELS).backward()
+    assert torch.isfinite(embeddings.grad).all()
+
+
+@pytest.mark.parametrize("mining", MININGS)
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_a_non_finite_embedding_gives_a_nan_loss(mining, bad):
+    embeddings, labels = random_batch(0)
+    embeddings[3, 0] = bad
+    assert math.isnan(TripletLoss(mining=mining)(embeddings, labels).item())
+
+
+@pytest.mark.parametrize("mining", ["batch_all", "semi_hard"])
+def test_exact_ties_break_the_same_way_in_any_batch_order(mining):
+    """d(0, 1) = d(0, -1) = 1 exactly. The distances were computed around the column means,
+    summed in batch order: swapping two rows changed their rounding, broke such ties the
+    other way, and changed these losses by 5 and 10 %. Sorted first, the means (and all
+    distances) are the same to the last bit in any order."""
+    x = torch.tensor([0.0, 1, -1, 0.1, -1, -1, -1, -1, -1, -0.1, -1, -0.1])[:, None]
+    labels = torch.arange(3).repeat_interleave(4)
+    order = [*range(10), 11, 10]
+    loss = TripletLoss(0.2, mining=mining)
+    assert loss(x[order], labels[order]).item() == loss(x, labels).item()
+    assert torch.equal(loss.distances(x[order]), loss.distances(x)[order][:, order])

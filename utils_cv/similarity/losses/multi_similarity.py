@@ -17,7 +17,9 @@ class MultiSimilarityLoss(nn.Module):
     given**: S_ij = x_i . x_j. The loss does not normalize; for the paper's cosine
     similarity build the model with ``normalize=True`` (the models here output unit
     vectors, where the two coincide). Similarities are computed in float32 at least, with
-    mixed precision turned off (exp(beta * S) overflows in 16 bits).
+    mixed precision turned off (exp(beta * S) overflows in 16 bits). A NaN or infinite
+    embedding gives a NaN loss; similarities too large for float32 (beyond 2.7e36, about
+    embeddings of norm 1.6e18) are a ValueError.
 
     For each anchor i, with P_i its positives (same label, not i) and N_i its negatives:
 
@@ -114,7 +116,14 @@ class MultiSimilarityLoss(nn.Module):
         # Mixed precision would round them to 16 bits, which exp(beta * S) magnifies.
         with torch.autocast(embeddings.device.type, enabled=False):
             x = embeddings.to(torch.promote_types(embeddings.dtype, torch.float32))
-            return x @ x.T
+            # At the power-of-two scale at or below the largest coordinate, which is exact:
+            # products of coordinates of 1e20 overflow float32, and inf - inf is NaN, the mark
+            # of non-finite embeddings. Scaled back by `scale` twice, so that a product too
+            # large is +-inf and an exact 0 stays 0 (scale**2 itself can be inf).
+            peak = x.detach().abs().max()
+            scale = torch.where(peak > 0, torch.exp2(torch.log2(peak).floor()), 1.0)
+            x = x / scale
+            return x @ x.T * scale * scale
 
     def from_similarities(
         self, similarities: torch.Tensor, pos_mask: torch.Tensor, neg_mask: torch.Tensor
@@ -162,8 +171,11 @@ class MultiSimilarityLoss(nn.Module):
                     # The least similar positive and the most similar negative per anchor.
                     hardest_pos = torch.where(pos_mask, s, torch.inf).amin(1, keepdim=True)
                     hardest_neg = torch.where(neg_mask, s, -torch.inf).amax(1, keepdim=True)
-                    keep_pos = pos_mask & (s - self.epsilon < hardest_neg)
-                    keep_neg = neg_mask & (s + self.epsilon > hardest_pos)
+                    # "Not dropped" rather than "kept", so that a NaN similarity is kept: a
+                    # comparison with NaN is False, and dropping those pairs would give a
+                    # finite loss while the gradients (through the matrix product) are NaN.
+                    keep_pos = pos_mask & ~(s - self.epsilon >= hardest_neg)
+                    keep_neg = neg_mask & ~(s + self.epsilon <= hardest_pos)
             # log(1 + sum exp(z)) over the kept pairs: -inf elsewhere, plus a zero column.
             zero = s.new_zeros(len(s), 1)
             pos_z = torch.where(keep_pos, -self.alpha * (s - self.base), -torch.inf)
@@ -172,18 +184,36 @@ class MultiSimilarityLoss(nn.Module):
             neg_loss = torch.logsumexp(torch.cat([neg_z, zero], dim=1), dim=1) / self.beta
             losses = pos_loss + neg_loss
             loss = losses.mean()
+            limit = torch.finfo(s.dtype).max * 2.0**-7
 
             with torch.no_grad():
-                kept_pos, num_pos, kept_neg, num_neg, active = torch.stack(
+                kept_pos, num_pos, kept_neg, num_neg, active, overflow = torch.stack(
                     [
                         keep_pos.sum(),
                         pos_mask.sum(),
                         keep_neg.sum(),
                         neg_mask.sum(),
                         (losses > 0).sum(),
+                        # Non-finite embeddings make NaN similarities and a NaN loss, which
+                        # stops a training run. Without a NaN, a loss that is not finite
+                        # overflowed, and so would the gradient past `limit`: it passes through
+                        # the square of the scale in `similarities`, at most twice max |x|^2.
+                        (
+                            ~s.isnan().any() & (~torch.isfinite(loss) | (s.abs().amax() > limit))
+                        ).long(),
                     ]
                 ).tolist()
                 sum_pos, sum_neg = torch.stack([s[pos_mask].sum(), s[neg_mask].sum()]).tolist()
+        if overflow:
+            dtype = str(s.dtype).removeprefix("torch.")
+            raise ValueError(
+                f"MultiSimilarityLoss overflows {dtype}: similarities (|x|^2 of an embedding with "
+                f"itself included) reach {s.detach().abs().amax().item():.3g}, past {limit:.3g}, "
+                f"where the loss (exp(beta * similarity), beta={self.beta}) or its gradient no "
+                "longer fits. L2-normalize the embeddings (the paper's cosine similarity) or "
+                "compute the loss in float64; a model whose embeddings grew this large has "
+                "diverged (lower the learning rate)"
+            )
         self.stats = {
             "positive_kept": kept_pos / num_pos if num_pos else 0.0,
             "negative_kept": kept_neg / num_neg if num_neg else 0.0,

@@ -31,7 +31,9 @@ class NormSoftmaxLoss(nn.Module):
     the probability. It also scales the gradients: the gradient on each cosine is
     ``(softmax - onehot) / T``, 20x at 0.05. Logits and cross-entropy are computed in
     float32 even under mixed precision: bfloat16 keeps 8 significant bits, so logits near
-    20 would be rounded by up to 0.06.
+    20 would be rounded by up to 0.06. Any embedding norm up to float32's largest gives the
+    same loss (rows shorter than 1e-12, F.normalize's eps, count as zero); a NaN or infinite
+    embedding gives a NaN loss.
 
     ``weight`` starts uniform in +-1/sqrt(D), as in the reference code
     (azgo14/classification_metric_learning, nn.Linear's old initialization). The loss
@@ -113,7 +115,12 @@ class NormSoftmaxLoss(nn.Module):
         with torch.autocast(embeddings.device.type, enabled=False):
             dtype = torch.promote_types(embeddings.dtype, self.weight.dtype)
             dtype = torch.promote_types(dtype, torch.float32)
-            x = F.normalize(embeddings.to(dtype), dim=1)
+            x = embeddings.to(dtype)
+            # Rows with a coordinate of 2 or more are first scaled down by a power of two (exact,
+            # so no value changes): the squared norm of a row as large as 1e20 overflows
+            # float32, and F.normalize would return 0 instead of its direction.
+            peak = x.detach().abs().amax(dim=1, keepdim=True)
+            x = F.normalize(x / torch.exp2(torch.log2(peak).floor()).clamp(min=1), dim=1)
             w = F.normalize(self.weight.to(dtype), dim=1)
             cosines = x @ w.T  # (N, C)
             logits = cosines / self.temperature

@@ -20,7 +20,9 @@ class ProxyNCALoss(nn.Module):
     (CUB and Cars: a = b = 3, so 9; SOP: a = 1, b = 8, so 8). The scale is an inverse
     temperature: ProxyNCA++ (Teh et al., 2020) counts a low temperature (a high scale) among
     the ingredients that matter most. Distances are computed in float32 even under mixed
-    precision, without Python loops.
+    precision, without Python loops. Any embedding norm up to float32's largest gives the
+    same loss (rows shorter than 1e-12, F.normalize's eps, count as zero); a NaN or infinite
+    embedding gives a NaN loss.
 
     Initialization matters: ``proxies`` starts as ``randn / 8``, as in the reference code
     (dichotomies/proxy-nca, ProxyNCA++). The loss normalizes each proxy, so the gradient
@@ -137,7 +139,12 @@ class ProxyNCALoss(nn.Module):
         with torch.autocast(embeddings.device.type, enabled=False):
             dtype = torch.promote_types(embeddings.dtype, self.proxies.dtype)
             dtype = torch.promote_types(dtype, torch.float32)
-            x = F.normalize(embeddings.to(dtype), dim=1)
+            x = embeddings.to(dtype)
+            # Rows with a coordinate of 2 or more are first scaled down by a power of two (exact,
+            # so no value changes): the squared norm of a row as large as 1e20 overflows
+            # float32, and F.normalize would return 0 instead of its direction.
+            peak = x.detach().abs().amax(dim=1, keepdim=True)
+            x = F.normalize(x / torch.exp2(torch.log2(peak).floor()).clamp(min=1), dim=1)
             p = F.normalize(self.proxies.to(dtype), dim=1)
             # ||x - p||^2 = 2 - 2 x.p for unit vectors: (N, num_proxies) without an N x P x D
             # difference. Clamped at 0 against rounding; finite gradients where x = p.

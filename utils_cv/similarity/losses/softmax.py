@@ -21,6 +21,8 @@ class SoftmaxLoss(nn.Module):
         num_classes: C; labels must lie in 0..C-1.
 
     Shapes: embeddings (N, D) float, labels (N,) int -> scalar loss (mean over the batch).
+    Embeddings of another float dtype than the classifier (bfloat16, float64) are computed in
+    the wider of the two.
     """
 
     def __init__(self, embedding_size: int, num_classes: int):
@@ -42,4 +44,7 @@ class SoftmaxLoss(nn.Module):
                 "relabel the classes to 0..C-1 (here: ImageData.relabel()) or create the "
                 "loss with num_classes set to the number of classes"
             )
-        return F.cross_entropy(self.classifier(embeddings), labels)
+        # In the wider of the two dtypes: bfloat16 embeddings meet a float32 classifier.
+        dtype = torch.promote_types(embeddings.dtype, self.classifier.weight.dtype)
+        weight, bias = self.classifier.weight.to(dtype), self.classifier.bias.to(dtype)
+        return F.cross_entropy(F.linear(embeddings.to(dtype), weight, bias), labels)

@@ -23,8 +23,11 @@ class TripletLoss(nn.Module):
     embeddings with the soft margin. The square root is clamped away from zero (distances
     below 1e-6 read as 1e-6), so the gradients stay finite when embeddings coincide (the
     collapse of batch-hard training). Distances are computed in float32 even under mixed
-    precision. No Python loops: batch_all and semi_hard hold one (pairs, N) matrix, about
-    N * K * N numbers for a P x K batch; batch_hard only the (N, N) distances.
+    precision, the same to the last bit in any batch order. A NaN or infinite embedding gives
+    a NaN loss; distances too large for float32 (beyond 2.7e36 squared, about embeddings of
+    norm 1e18; 1.3e30 unsquared) are a ValueError. No Python loops: batch_all and semi_hard
+    hold one (pairs, N) matrix, about N * K * N numbers for a P x K batch; batch_hard only the
+    (N, N) distances.
 
     Args:
         margin: the hinge margin (ignored with ``soft_margin``).
@@ -144,6 +147,7 @@ class TripletLoss(nn.Module):
             losses = self._hinge(diff)
             loss = losses.mean()
 
+        limit = torch.finfo(dist.dtype).max * (2.0**-7 if self.squared else 2.0**-28)
         with torch.no_grad():
             active = diff > 0 if self.soft_margin else losses > 0
             values = torch.stack(
@@ -151,8 +155,22 @@ class TripletLoss(nn.Module):
                     active.float().mean(),
                     dist[pos_mask].mean().float(),
                     dist[neg_mask].mean().float(),
+                    # Non-finite embeddings make NaN distances and a NaN loss, which stops a
+                    # training run. Without a NaN, a loss that is not finite overflowed, and
+                    # so would the gradient past `limit`: it passes through the scale in
+                    # `distances`, at most about the largest distance (its root if squared).
+                    (~dist.isnan().any() & (~torch.isfinite(loss) | (dist.amax() > limit))).float(),
                 ]
             ).tolist()
+        if values[3]:
+            dtype = str(dist.dtype).removeprefix("torch.")
+            raise ValueError(
+                f"TripletLoss overflows {dtype}: {'squared ' if self.squared else ''}distances "
+                f"reach {dist.detach().amax().item():.3g}, past {limit:.3g}, where the loss or its "
+                "gradient no longer fits. L2-normalize the embeddings (as FaceNet), use "
+                "squared=False, or compute the loss in float64; a model whose embeddings grew "
+                "this large has diverged (lower the learning rate)"
+            )
         self.stats = {
             "active_fraction": values[0],
             "mean_pos_distance": values[1],
@@ -168,17 +186,23 @@ class TripletLoss(nn.Module):
         with torch.autocast(embeddings.device.type, enabled=False):
             x = embeddings.to(torch.promote_types(embeddings.dtype, torch.float32))
             # Distances do not change under a shift; centring shrinks the norms and with them
-            # the rounding error, which matters most when embeddings crowd together.
-            x = x - x.mean(dim=0, keepdim=True).detach()
-            # Scaled by a power of two near the largest coordinate, which is exact: the squared
-            # norms of embeddings as large as 1e20 would overflow float32 (inf - inf = NaN).
+            # the rounding error, which matters most when embeddings crowd together. The mean
+            # of the sorted columns is the same to the last bit in any batch order, and so are
+            # the distances: semi-hard and batch-all mining break exact ties (d_an = d_ap)
+            # the same way whatever the order of the batch.
+            x = x - x.detach().sort(dim=0).values.mean(dim=0, keepdim=True)
+            # Scaled by the power of two at or below the largest coordinate, which is exact: the
+            # squared norms of embeddings as large as 1e20 would overflow float32 (inf - inf =
+            # NaN). Rounding down keeps the scale finite up to float32's largest number.
+            # Scaled back by `scale` twice, not by scale**2, which can overflow where the
+            # distance does not: 0 * inf would be NaN, the mark of non-finite embeddings.
             peak = x.detach().abs().max()
-            scale = torch.where(peak > 0, torch.exp2(torch.log2(peak).round()), 1.0)
+            scale = torch.where(peak > 0, torch.exp2(torch.log2(peak).floor()), 1.0)
             x = x / scale
             norms = (x * x).sum(dim=1)
             squared = (norms[:, None] + norms[None, :] - 2 * x @ x.T).clamp(min=0)
         if self.squared:
-            return squared * scale**2
+            return squared * scale * scale
         # sqrt has an infinite slope at 0; clamping keeps gradients finite where points meet.
         return squared.clamp(min=1e-12).sqrt() * scale
 
