@@ -10,6 +10,8 @@ pin the cases that once failed.
 
 import os
 
+import pytest
+import torch
 from hypothesis import HealthCheck, settings
 
 settings.register_profile(
@@ -30,3 +32,14 @@ settings.register_profile(
     print_blob=True,
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "quick"))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """One torch thread: the inputs here are tiny, and torch's and faiss's OpenMP threads
+    take turns on every search and spin while they wait (`search._heap_chunks`), which on
+    busy cores costs up to ten times the work. No result depends on the number of threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -7,7 +7,6 @@ then has padding bits, which `binarize` leaves at 0).
 from unittest import mock
 
 import numpy as np
-import pytest
 import torch
 from hypothesis import assume, given
 from hypothesis import strategies as st
@@ -19,17 +18,6 @@ from utils_cv.similarity.metrics import retrieval_metrics
 
 MAX_ROWS = 30
 MAX_BITS = 40
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """torch's and faiss's OpenMP threads take turns on every search and spin while they wait
-    (`search._heap_chunks`): on these tiny inputs on busy cores that costs ten times the work.
-    No result depends on the number of threads."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @st.composite

@@ -45,15 +45,6 @@ MARGIN = 0.2
 EPSILON = 0.1
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Batches here are tiny: a second thread only adds waiting on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @dataclass(frozen=True)
 class Case:
     """A loss under test and what it promises."""

@@ -15,7 +15,6 @@ from unittest import mock
 
 import numpy as np
 import pytest
-import torch
 from hypothesis import assume, given
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
@@ -31,17 +30,6 @@ COORDINATE = st.integers(-2, 2)
 # (no a + b = 2c), so for each c the distances |c - a| to all the others differ. 32 of them,
 # all below 243.
 NO_PROGRESSION = [n for n in range(243) if "2" not in np.base_repr(n, 3)]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """torch's and faiss's OpenMP threads take turns on every search and spin while they wait
-    (`search._heap_chunks`): on these tiny inputs on busy cores that costs ten times the work.
-    No result depends on the number of threads."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def rows(draw, num_rows: int, dim: int) -> np.ndarray:
