@@ -242,3 +242,18 @@ def test_distributed_speed_times_the_same_steps_on_one_and_two_processes(tmp_pat
     for row in (one, two):
         assert row["ms_per_step"] == pytest.approx(1000 * row["seconds"] / row["steps"], rel=0.05)
         assert 0 <= row["recall@1"] <= 1
+
+
+def test_file_dataset_memory_reports_peaks_and_speeds(tmp_path):
+    result = run_script(
+        "file_dataset_memory.py", tmp_path,
+        "--images", "300", "--train-batches", "2", "--embed-images", "40", "--image-size", "32",
+        "--classes-per-batch", "4",
+    )  # fmt: skip
+    assert result["images"] == 300 and result["in_memory_uint8_gib"] == round(
+        300 * 3 * 32 * 32 / 2**30, 2
+    )
+    assert result["peak_rss_self_mib"] >= result["rss_start_mib"] > 0
+    assert result["peak_tree_rss_mib"] >= result["peak_tree_pss_mib"] > 0
+    assert result["peak_rss_largest_child_mib"] > 0  # the decoding workers ran and ended
+    assert result["train_images_per_second"] > 0 and result["embed_images_per_second"] > 0

@@ -12,6 +12,7 @@ import torch.multiprocessing as mp
 
 from tests.ports import free_port
 from utils_cv.similarity import training
+from utils_cv.similarity.datasets import FileList
 from utils_cv.similarity.distributed import (
     DistributedPKSampler,
     DistributedRandomBatches,
@@ -35,7 +36,8 @@ from utils_cv.similarity.runner import train_run
 from utils_cv.similarity.samplers import ClassBalancedBatchSampler
 from utils_cv.similarity.training import split_batch, torch_optimizer
 
-from .test_training import NUM_CLASSES, stripes
+from .test_file_dataset import write_stripes
+from .test_training import NUM_CLASSES, SIZE, stripes
 
 LOSSES = {
     "batch_all": lambda: TripletLoss(0.2, mining="batch_all"),
@@ -171,7 +173,7 @@ def sharded_cases():
     return EmbeddingNet("small_cnn", embedding_size=8), stripes(3).images[:26], (4, 20, 32)
 
 
-def _rank_main(rank: int, port: int, out_dir: str) -> None:
+def _rank_main(rank: int, port: int, out_dir: str, files: FileList) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -208,6 +210,9 @@ def _rank_main(rank: int, port: int, out_dir: str) -> None:
         model, images, batch_sizes = sharded_cases()
         model.train()(images[rank::2].float() / 255)  # each rank its own BatchNorm statistics
         results["sharded"] = [embed_sharded(model, images, b) for b in batch_sizes]
+        results["sharded files"] = [
+            embed_sharded(model, files, b, image_size=SIZE, num_workers=0) for b in batch_sizes
+        ]
         results["rank0 model"] = {k: v.clone() for k, v in model.state_dict().items()}
         for name in RECIPES:
             run = recipe_run(name)
@@ -223,7 +228,9 @@ def _rank_main(rank: int, port: int, out_dir: str) -> None:
 def two_ranks(tmp_path_factory):
     """Everything of this module on two gloo processes (one spawn: each imports fastai)."""
     out = tmp_path_factory.mktemp("ranks")
-    mp.spawn(_rank_main, args=(free_port(), str(out)), nprocs=WORLD, join=True)
+    # sharded_cases' images as files (lossless PNGs at their size: the same pixels)
+    files = write_stripes(out / "files", stripes(3).subset(range(26)))
+    mp.spawn(_rank_main, args=(free_port(), str(out), files), nprocs=WORLD, join=True)
     return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
 
 
@@ -264,6 +271,8 @@ def test_sharded_embeddings_are_the_single_process_ones_on_every_rank(two_ranks)
         expected = embed(model, images, batch_size)
         for results in two_ranks:
             assert torch.equal(results["sharded"][i], expected), batch_size
+            # a FileList: each rank decodes its own batches only
+            assert torch.equal(results["sharded files"][i], expected), batch_size
 
 
 @pytest.mark.parametrize("name", sorted(RECIPES))

@@ -50,6 +50,7 @@ from fastai.distributed import DistributedTrainer
 from torch import nn
 
 from utils_cv.common.device import get_device
+from utils_cv.similarity.datasets.file_list import FileList
 from utils_cv.similarity.models import embed
 from utils_cv.similarity.samplers import ClassBalancedBatchSampler
 
@@ -316,23 +317,34 @@ def _sync_buffers(model: nn.Module) -> None:
 
 
 def embed_sharded(
-    model: nn.Module, images: torch.Tensor, batch_size: int = 256, **kwargs
+    model: nn.Module, images: torch.Tensor | FileList, batch_size: int = 256, **kwargs
 ) -> torch.Tensor:
     """``models.embed`` shared among the ranks; every rank returns all (N, D) rows, in order.
 
     Rank r embeds batches r, r + N, r + 2N, ... of ``embed``'s batching, so each row comes from
     the same forward pass as in one process, with rank 0's BatchNorm statistics (copied to
-    every rank first). Outside a process group: ``embed``. ``kwargs`` go to ``embed``.
+    every rank first). Outside a process group: ``embed``. ``images`` is a tensor or a
+    ``FileList`` (each rank decodes only its own batches); ``kwargs`` go to ``embed``
+    (``image_size`` and ``num_workers`` for a FileList).
     """
     rank, world_size = world()
     if world_size == 1 or len(images) == 0:
         return embed(model, images, batch_size, **kwargs)
     _sync_buffers(model)
     starts = range(0, len(images), batch_size)
-    mine = [
-        embed(model, images[s : s + batch_size], batch_size, **kwargs)
-        for s in starts[rank::world_size]
-    ]
+    if isinstance(images, FileList):
+        # This rank's batches in one FileList: only the last batch of all can be short, and
+        # it comes last, so embed's batching of the subset is the same forward passes.
+        index = [
+            i for s in starts[rank::world_size] for i in range(s, min(s + batch_size, len(images)))
+        ]
+        rows = embed(model, images.subset(index), batch_size, **kwargs) if index else None
+        mine = [] if rows is None else list(rows.split(batch_size))
+    else:
+        mine = [
+            embed(model, images[s : s + batch_size], batch_size, **kwargs)
+            for s in starts[rank::world_size]
+        ]
     # The NCCL backend moves CUDA tensors only; gloo moves CPU ones.
     device = (
         torch.device("cuda", torch.cuda.current_device())

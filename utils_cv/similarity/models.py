@@ -35,6 +35,7 @@ import importlib.resources
 import itertools
 import math
 from collections import OrderedDict
+from collections.abc import Iterable
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -42,6 +43,9 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
+
+from utils_cv.similarity.datasets.file_list import FileList
+from utils_cv.similarity.file_loader import FileDataLoader
 
 BACKBONES = ("small_cnn", "resnet18", "resnet50", "efficientnet_lite0")
 POOLINGS = ("avg", "max", "avgmax")
@@ -513,38 +517,47 @@ class ModelOutput(nn.Module):
 @torch.no_grad()
 def embed(
     model: nn.Module,
-    images: torch.Tensor,
+    images: torch.Tensor | FileList,
     batch_size: int = 256,
     device: torch.device | str | None = None,
     normalize: bool = True,
+    *,
+    image_size: int | None = None,
+    num_workers: int | None = None,
 ) -> torch.Tensor:
     """Embeddings of many images, computed in batches in eval mode without gradients.
 
     Args:
         model: maps (B, 3, H, W) float in [0, 1] to (B, D), or to a larger tensor that is
             flattened to (B, D) (for example a conv map or raw pixels).
-        images: (N, 3, H, W) uint8 (divided by 255 here) or float in [0, 1], on any device.
+        images: (N, 3, H, W) uint8 (divided by 255 here) or float in [0, 1], on any device;
+            or a ``FileList``, whose files are decoded batch by batch in ``num_workers``
+            processes (``file_loader.FileDataLoader``) at ``image_size``, exactly as
+            ``FileList.load(image_size)`` would load them.
         batch_size: images per forward pass.
         device: where to compute; None uses the model's device. The model is moved there
             for the call and moved back afterwards.
         normalize: L2-normalize each embedding. Pass False to keep the model's raw outputs,
             for example to binarize LayerNorm outputs at zero.
+        image_size: a FileList's image side (required for one); for a tensor None or its
+            own size.
+        num_workers: a FileList's decoding processes (0: in this process; None: one per
+            core, at most 8); a tensor needs none.
 
     Returns:
         (N, D) float32 on the CPU. The model's train/eval mode and device are restored.
     """
-    if images.ndim != 4 or len(images) == 0:
-        raise ValueError(f"images must be (N, 3, H, W) with N > 0, got shape {tuple(images.shape)}")
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be at least 1")
     model_device = _module_device(model)
     device = model_device if device is None else torch.device(device)
+    batches = _batches(images, batch_size, image_size, num_workers, device)
     was_training = model.training
     model.to(device).eval()
     try:
         chunks = []
-        for start in range(0, len(images), batch_size):
-            batch = images[start : start + batch_size].to(device, non_blocking=True)
+        for batch in batches:
+            batch = batch.to(device, non_blocking=True)
             batch = batch.float() / 255 if batch.dtype == torch.uint8 else batch.float()
             out = model(batch).flatten(1).float()
             if normalize:
@@ -553,6 +566,38 @@ def embed(
     finally:
         model.to(model_device).train(was_training)
     return torch.cat(chunks)
+
+
+def _batches(
+    images: torch.Tensor | FileList,
+    batch_size: int,
+    image_size: int | None,
+    num_workers: int | None,
+    device: torch.device,
+) -> Iterable[torch.Tensor]:
+    """``embed``'s batches of a tensor (slices) or of a FileList (decoded), checked."""
+    if isinstance(images, FileList):
+        if image_size is None:
+            raise ValueError(
+                "images is a FileList: pass image_size, the side its images are resized and "
+                "cropped to (the size the model was trained at, e.g. image_size=224)"
+            )
+        if len(images) == 0:
+            raise ValueError("the FileList is empty; embed needs at least one image")
+        loader = FileDataLoader(
+            images, image_size, batch_size, num_workers=num_workers, device=device
+        )
+        return (batch for batch, _ in loader)
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"images must be a tensor or a FileList, got {type(images).__name__}")
+    if images.ndim != 4 or len(images) == 0:
+        raise ValueError(f"images must be (N, 3, H, W) with N > 0, got shape {tuple(images.shape)}")
+    if image_size is not None and tuple(images.shape[-2:]) != (image_size, image_size):
+        raise ValueError(
+            f"image_size={image_size} but the images are {tuple(images.shape[-2:])}; "
+            "image_size is for a FileList, leave it out for a tensor"
+        )
+    return (images[start : start + batch_size] for start in range(0, len(images), batch_size))
 
 
 def _module_device(model: nn.Module) -> torch.device:

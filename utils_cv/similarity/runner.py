@@ -51,10 +51,9 @@ from fastai.learner import Learner
 from torch import nn
 
 from utils_cv.common.device import set_seed
-from utils_cv.similarity.datasets import ImageData
+from utils_cv.similarity.datasets import FileList, ImageData
 from utils_cv.similarity.distributed import (
     DistributedPKSampler,
-    embed_sharded,
     init_distributed,
     world,
 )
@@ -62,6 +61,8 @@ from utils_cv.similarity.metrics import retrieval_metrics
 from utils_cv.similarity.samplers import ClassBalancedBatchSampler
 from utils_cv.similarity.training import (
     RetrievalCallback,
+    check_image_size,
+    embed_data,
     get_history,
     make_learner,
     replace_loss,
@@ -122,12 +123,12 @@ class Run:
 def train_run(
     model: ModuleOrBuilder,
     loss: ModuleOrBuilder,
-    train: ImageData,
+    train: ImageData | FileList,
     *,
     epochs: int,
     lr: float | Sequence[float],
-    val: ImageData | None = None,
-    test: ImageData | None = None,
+    val: ImageData | FileList | None = None,
+    test: ImageData | FileList | None = None,
     seed: int = 0,
     batch_size: int = 64,
     classes_per_batch: int | None = None,
@@ -139,6 +140,8 @@ def train_run(
     ks: Sequence[int] = (1, 2, 4, 8),
     nmi: bool = False,
     progress: bool = False,
+    image_size: int | None = None,
+    num_workers: int | None = None,
     **learner_kwargs,
 ) -> Run:
     """Train one configuration and evaluate it; see the module docstring for the phases.
@@ -147,13 +150,14 @@ def train_run(
         model: the embedding model, or a function that builds it (called after seeding).
             Trained in place.
         loss: the loss, or a function that builds it (called after the model).
-        train: training images; relabeled to 0..C-1 inside, so a classifier loss needs
-            ``num_classes=train.num_classes``.
+        train: training images, an ImageData (in memory) or a FileList (decoded batch by
+            batch, for data too large for memory; ``make_learner``); relabeled to 0..C-1
+            inside, so a classifier loss needs ``num_classes=train.num_classes``.
         epochs: all epochs of the run, every phase included.
         lr: the peak learning rate, or (model, loss) rates for the two parameter groups.
         val: validation classes; the best epoch by Recall@``ks[0]`` on them is kept. With
             fewer than 50 classes and 1,000 images that choice is noisy, and a warning says so.
-        test: test classes, embedded and evaluated once at the end.
+        test: test classes, embedded and evaluated once at the end (ImageData or FileList).
         seed: seeds the initialization, the batches and the augmentation.
         batch_size: images per batch for random batches (ignored with P x K batches).
         classes_per_batch, samples_per_class: both given: class-balanced P x K batches
@@ -165,6 +169,8 @@ def train_run(
         ks: the K of Recall@K for the test metrics; ``ks[0]`` also picks the best epoch.
         nmi: also compute NMI and the clustering F1 on the test data (k-means; slower).
         progress: show fastai's progress bars and epoch table.
+        image_size, num_workers: for FileList data: the side its images are decoded at
+            (required) and the decoding processes (None: one per core, at most 8).
         **learner_kwargs: passed to ``make_learner`` (``augment``, ``opt_func``, ``wd``,
             ``mixed_precision``, ``checkpoint_path``, ``device``, ...).
     """
@@ -192,6 +198,7 @@ def train_run(
             "weights of the last epoch of a fixed budget",
             stacklevel=2,
         )
+    check_image_size("test", test, image_size)  # before the training, not after it
     init_distributed()  # in a launched process: join the others before the sampler
     rank, world_size = world()
     if classes_per_batch is not None:
@@ -222,6 +229,8 @@ def train_run(
         batch_sampler=sampler,
         seed=seed,
         ks=(ks[0],),
+        image_size=image_size,
+        num_workers=num_workers,
         **learner_kwargs,
     )
     lr = _rates(lr)
@@ -262,24 +271,31 @@ def train_run(
         score_name=f"val_recall@{ks[0]}",
     )
     if test is not None:
-        run.embeddings = embed_sharded(model, test.images)
+        run.embeddings = embed_data(model, test, image_size=image_size, num_workers=num_workers)
         run.metrics = retrieval_metrics(run.embeddings, test.labels, ks=tuple(ks), nmi=nmi)
     if rank == 0:
-        log_training(model, train, epochs, seconds)
+        log_training(model, train, epochs, seconds, image_size)
     return run
 
 
-def log_training(model: nn.Module, train: ImageData, epochs: int, seconds: float) -> None:
+def log_training(
+    model: nn.Module,
+    train: ImageData | FileList,
+    epochs: int,
+    seconds: float,
+    image_size: int | None = None,
+) -> None:
     """Append one line about a finished training to the file named by ``$UTILS_CV_TRAINING_LOG``
-    (nothing without it): the backbone, image size, training images, epochs, their product
-    (images passed through the network), the training seconds and the device."""
+    (nothing without it): the backbone, image size (``image_size``, else the size of an
+    ImageData's images), training images, epochs, their product (images passed through the
+    network), the training seconds and the device."""
     path = os.environ.get(TRAINING_LOG)
     if not path:
         return
     parameter = next(model.parameters(), None)
     entry = {
         "backbone": type(getattr(model, "backbone", model)).__name__,
-        "image_size": int(train.images.shape[-1]),
+        "image_size": int(train.images.shape[-1]) if image_size is None else image_size,
         "images": len(train),
         "epochs": epochs,
         "image_passes": len(train) * epochs,

@@ -3,7 +3,9 @@
 fastai's ``Learner`` runs the training (schedules, lr finder, progress bars, mixed
 precision). Metric learning needs four things it does not provide:
 
-- data held in memory on the device and augmented per batch there (``DeviceDataLoader``);
+- data held in memory on the device and augmented per batch there (``DeviceDataLoader``),
+  or, too large for memory, a ``FileList`` decoded batch by batch in worker processes
+  (``file_loader.FileDataLoader``, picked by the data's type);
 - one optimizer for the model *and* the loss, whose parameters (class weights, proxies)
   get their own parameter group and learning rate (``ModelWithLoss``, ``model_loss_splitter``);
 - no classification loss on the validation set: validation classes are unseen classes,
@@ -51,6 +53,7 @@ from fastcore.foundation import L
 from torch import nn
 
 from utils_cv.similarity.augment import augment_batch
+from utils_cv.similarity.datasets.file_list import FileList
 from utils_cv.similarity.distributed import (
     DistributedRandomBatches,
     DistributedTraining,
@@ -59,6 +62,7 @@ from utils_cv.similarity.distributed import (
     sync_batchnorm,
     world,
 )
+from utils_cv.similarity.file_loader import FileDataLoader
 from utils_cv.similarity.metrics import retrieval_metrics
 
 if TYPE_CHECKING:
@@ -283,12 +287,14 @@ class RetrievalCallback(Callback):
     model's weights are restored.
 
     Args:
-        val: validation images and labels (classes unseen in training).
+        val: validation images and labels (classes unseen in training): an ImageData, or a
+            FileList decoded at ``image_size`` each time (``embed_data``).
         every: evaluate every this many epochs.
         ks: the K of Recall@K to show; the first one selects the best model.
         checkpoint_path: where to save the best model (written atomically); None keeps it
             in memory. Load it with ``load_checkpoint``.
         batch_size: images per forward pass when embedding ``val``.
+        image_size, num_workers: for a FileList ``val``, as in ``embed``.
 
     Attributes:
         history: one dict per epoch: "epoch", "train_loss" (fastai's smoothed loss at the
@@ -301,11 +307,13 @@ class RetrievalCallback(Callback):
 
     def __init__(
         self,
-        val: ImageData,
+        val: ImageData | FileList,
         every: int = 1,
         ks: Sequence[int] = (1,),
         checkpoint_path: str | os.PathLike | None = None,
         batch_size: int = 256,
+        image_size: int | None = None,
+        num_workers: int | None = None,
     ):
         if every < 1:
             raise ValueError(f"every={every} must be at least 1")
@@ -316,6 +324,8 @@ class RetrievalCallback(Callback):
         self.ks = tuple(ks)
         self.checkpoint_path = None if checkpoint_path is None else Path(checkpoint_path)
         self.batch_size = batch_size
+        self.image_size = image_size
+        self.num_workers = num_workers
         self.history: list[dict[str, float]] = []
         self.best_epoch: int | None = None
         self.best_score = -math.inf
@@ -365,7 +375,13 @@ class RetrievalCallback(Callback):
     def _evaluate(self) -> dict[str, float]:
         model, _ = _model_and_loss(self.learn)
         # On several processes each embeds its share of the batches; all get every row.
-        embeddings = embed_sharded(model, self.val.images, batch_size=self.batch_size)
+        embeddings = embed_data(
+            model,
+            self.val,
+            self.batch_size,
+            image_size=self.image_size,
+            num_workers=self.num_workers,
+        )
         scores = retrieval_metrics(embeddings, self.val.labels.cpu(), ks=self.ks)
         # Counts ("num_queries", ...) are no scores: keep them out of the history and plots.
         return {name: float(value) for name, value in scores.items() if not name.startswith("num_")}
@@ -394,6 +410,24 @@ class RetrievalCallback(Callback):
         except BaseException:
             os.unlink(tmp)
             raise
+
+
+def embed_data(
+    model: nn.Module,
+    data: ImageData | FileList,
+    batch_size: int = 256,
+    *,
+    image_size: int | None = None,
+    num_workers: int | None = None,
+) -> torch.Tensor:
+    """(N, D) embeddings of a dataset's images, on the CPU, shared among the processes of a
+    launched run (``embed_sharded``): an ImageData's images in memory, or a FileList's
+    files decoded at ``image_size`` in ``num_workers`` processes (see ``models.embed``)."""
+    if isinstance(data, FileList):
+        return embed_sharded(
+            model, data, batch_size, image_size=image_size, num_workers=num_workers
+        )
+    return embed_sharded(model, data.images, batch_size, image_size=image_size)
 
 
 def _model_and_loss(learn: Learner) -> tuple[nn.Module, nn.Module | None]:
@@ -473,9 +507,9 @@ adamw = torch_optimizer(torch.optim.AdamW, betas=(0.9, 0.99), eps=1e-5, weight_d
 def make_learner(
     model: nn.Module,
     loss: nn.Module,
-    train: ImageData,
+    train: ImageData | FileList,
     *,
-    val: ImageData | None = None,
+    val: ImageData | FileList | None = None,
     batch_size: int = 64,
     batch_sampler: Iterable[Sequence[int]] | None = None,
     augment: bool | float = True,
@@ -487,6 +521,8 @@ def make_learner(
     opt_func: Callable = adamw,
     wd: float | None = None,
     device: torch.device | str | None = None,
+    image_size: int | None = None,
+    num_workers: int | None = None,
 ) -> Learner:
     """A fastai Learner that trains ``model`` with ``loss`` on ``train``.
 
@@ -494,15 +530,22 @@ def make_learner(
         model: maps (N, 3, H, W) float in [0, 1] to embeddings (N, D); trained in place.
         loss: ``loss(embeddings, labels) -> scalar``; its parameters are trained too.
         train: training images; relabeled to 0..C-1 here, so a classifier loss needs
-            ``num_classes=train.num_classes``.
-        val: validation images of classes unseen in training; adds a ``RetrievalCallback``
-            that reports "val_recall@K" each epoch and keeps the best model. None: no
-            validation, the final weights are kept.
+            ``num_classes=train.num_classes``. An ImageData is held on ``device`` and
+            batched by ``DeviceDataLoader``; a FileList (data too large for memory) is
+            decoded batch by batch in ``num_workers`` processes by ``FileDataLoader``.
+        val: validation images of classes unseen in training (ImageData or FileList); adds
+            a ``RetrievalCallback`` that reports "val_recall@K" each epoch and keeps the best
+            model. None: no validation, the final weights are kept.
         batch_size: images per training batch (the last incomplete batch is dropped); on
             several processes the global batch, batch_size / world_size on each.
         batch_sampler: index lists per batch (e.g. class-balanced); replaces batch_size. On
             several processes, one that gives each its share (``DistributedPKSampler``).
-        augment: False, True or a strength for ``augment_batch`` (no horizontal flips).
+        augment: for an ImageData, False, True or a strength for ``augment_batch`` (on the
+            device, no horizontal flips). For a FileList, True or False: True is the papers'
+            augmentation of photos (``file_loader.photo_augmentation``: a random resized
+            crop and a horizontal flip), False the evaluation geometry (shorter side resized,
+            centre crop). Flips suit photos; for images a mirror changes (arrows, text),
+            pass False.
         lr_groups: default learning rates (model, loss), used when ``fit`` or
             ``fit_one_cycle`` get no learning rate; None uses fastai's 1e-3 for both.
         mixed_precision: "auto" (bf16 on GPUs that support it, else fp16; fp32 on the CPU),
@@ -515,6 +558,11 @@ def make_learner(
             GPU, see ``torch_optimizer``); fastai's optimizers (``fastai.optimizer.SGD``) work too.
         device: where data and model live; None picks the GPU when there is one (in a
             launched process, its local rank's GPU).
+        image_size: the side of the square images a FileList ``train`` or ``val`` is
+            decoded at (required for one); an ImageData keeps its own size (when given, it
+            must be that size).
+        num_workers: decoding processes for a FileList (0: in this process; None: one per
+            core, at most 8); an ImageData needs none.
 
     Launched on several processes (``torchrun``, ``accelerate launch``; docs/distributed.md),
     the Learner trains with DDP (``DistributedTraining``): each process joins the process
@@ -537,6 +585,8 @@ def make_learner(
         raise ValueError(
             "checkpoint_path needs val: the best model is chosen on the validation classes"
         )
+    for name, data in (("train", train), ("val", val)):
+        check_image_size(name, data, image_size)
     train = train.relabel()
     num_classes = getattr(loss, "num_classes", None)
     if num_classes is not None and num_classes != train.num_classes:
@@ -555,18 +605,33 @@ def make_learner(
         batch_sampler = _per_rank_sampler(batch_sampler, len(train), batch_size, world_size, seed)
         if device.type == "cuda":
             model = sync_batchnorm(model)  # in place: the caller's model object is trained
-    train_loader = DeviceDataLoader(
-        train,
-        batch_size,
-        shuffle=True,
-        drop_last=True,
-        augment=augment,
-        batch_sampler=batch_sampler,
-        device=device,
-        seed=seed + rank,  # each process its own augmentations
-    )
-    # fastai wants a validation loader; it is never iterated (SkipValidationLoop).
-    valid_loader = DeviceDataLoader(train, batch_sampler=[], device=device)
+    # fastai wants a validation loader too; it is never iterated (SkipValidationLoop).
+    if isinstance(train, FileList):
+        train_loader = FileDataLoader(
+            train,
+            image_size,
+            batch_size,
+            shuffle=True,
+            drop_last=True,
+            augment=augment,
+            batch_sampler=batch_sampler,
+            num_workers=num_workers,
+            device=device,
+            seed=seed + rank,  # each process its own augmentations
+        )
+        valid_loader = FileDataLoader(train, image_size, batch_sampler=[], device=device)
+    else:
+        train_loader = DeviceDataLoader(
+            train,
+            batch_size,
+            shuffle=True,
+            drop_last=True,
+            augment=augment,
+            batch_sampler=batch_sampler,
+            device=device,
+            seed=seed + rank,  # each process its own augmentations
+        )
+        valid_loader = DeviceDataLoader(train, batch_sampler=[], device=device)
     learn = Learner(
         DataLoaders(train_loader, valid_loader, device=device),
         ModelWithLoss(model, loss).to(device),
@@ -588,7 +653,15 @@ def make_learner(
     # Does nothing for losses without a ``stats`` dict (SoftmaxLoss).
     learn.add_cb(LossStatsCallback())
     if val is not None:
-        learn.add_cb(RetrievalCallback(val, ks=ks, checkpoint_path=checkpoint_path))
+        learn.add_cb(
+            RetrievalCallback(
+                val,
+                ks=ks,
+                checkpoint_path=checkpoint_path,
+                image_size=image_size,
+                num_workers=num_workers,
+            )
+        )
     return learn
 
 
@@ -633,6 +706,22 @@ def split_batch(size: int, world_size: int, name: str) -> int:
             f"{world_size}, such as {near}"
         )
     return size // world_size
+
+
+def check_image_size(name: str, data: ImageData | FileList | None, image_size: int | None):
+    """A FileList needs ``image_size``; an ImageData, when one is given, must have that size."""
+    if isinstance(data, FileList) and image_size is None:
+        raise ValueError(
+            f"{name} is a FileList: pass image_size, the side its images are resized and "
+            "cropped to (e.g. image_size=224 for the paper benchmarks)"
+        )
+    if isinstance(data, FileList) or data is None or image_size is None:
+        return
+    if tuple(data.images.shape[-2:]) != (image_size, image_size):
+        raise ValueError(
+            f"image_size={image_size} but {name}'s images are {tuple(data.images.shape[-2:])}; "
+            f"load {name} at that size, or leave image_size out for in-memory data"
+        )
 
 
 def replace_loss(learn: Learner, loss: nn.Module) -> None:

@@ -4,7 +4,9 @@ loaders of the paper benchmarks share.
 CUB-200-2011, Cars196, Stanford Online Products and In-Shop hold 12,000 to 120,000 photos,
 too many to keep decoded at full size. Their loaders (``cub``, ``cars196``, ``sop``,
 ``inshop``) return a :class:`FileList`; ``FileList.load`` decodes it into an ``ImageData``
-at one size, exactly as ``load_image_folder`` reads a folder. The helpers below read the
+at one size, exactly as ``load_image_folder`` reads a folder; too large for memory, it is
+decoded batch by batch instead (``utils_cv.similarity.file_loader``: ``make_learner``,
+``train_run`` and ``embed`` take a FileList where they take an ImageData). The helpers below read the
 benchmarks' index files line by line, list images that are missing, compare class counts
 with the official ones and download an archive into the cache, always with a message that
 names the file and the fix.
@@ -128,6 +130,20 @@ class FileList:
         if name not in SPLITS:
             raise ValueError(f"split {name!r} unknown; use one of {list(SPLITS)}")
         return self.subset([s == name for s in self.splits])
+
+    def relabel(self) -> FileList:
+        """Labels made contiguous 0..C-1 in order of the old labels; class_names reduced
+        (as ``ImageData.relabel``)."""
+        present, labels = torch.unique(self.labels, return_inverse=True)
+        return FileList(
+            root=self.root,
+            paths=list(self.paths),
+            labels=labels.to(torch.int64),
+            class_names=[self.class_names[i] for i in present.tolist()],
+            splits=list(self.splits),
+            domains=list(self.domains),
+            super_classes=None if self.super_classes is None else list(self.super_classes),
+        )
 
     def load(self, image_size: int, background: tuple[int, int, int] = WHITE) -> ImageData:
         """Every file decoded as ``load_image_folder`` decodes images: RGB as ``to_rgb`` says

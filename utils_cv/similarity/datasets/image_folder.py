@@ -15,7 +15,9 @@ from utils_cv.similarity.datasets.base import (
     _resize_square,
     _to_tensor,
     class_split,
+    to_rgb,
 )
+from utils_cv.similarity.datasets.file_list import FileList
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 # Problem lists in warnings are cut after this many paths (the count is always complete).
@@ -40,7 +42,8 @@ def load_image_folder(
     test_fraction: float = 0.5,
     val_fraction: float = 0.2,
     background: tuple[int, int, int] = WHITE,
-) -> ImageData:
+    in_memory: bool = True,
+) -> ImageData | FileList:
     """Images in an ImageFolder tree, one folder per class, optionally one subfolder per domain.
 
     Layout::
@@ -60,6 +63,12 @@ def load_image_folder(
     composited onto ``background``, 16-bit and CMYK converted), then their shorter side is
     resized to ``image_size`` and the centre cropped to a square. Nothing is ever written.
     Raises FileNotFoundError when ``root`` is missing and ValueError when it has no images.
+
+    ``in_memory=False`` returns a ``FileList`` of the same images, labels, splits and domains
+    instead, for folders too large for memory: ``make_learner``, ``train_run`` and ``embed``
+    decode it batch by batch at the ``image_size`` they are given (``image_size`` here is
+    then unused). The checks and warnings are the same: every image is decoded once here, so
+    a file that cannot be read is listed now, not met in the middle of a training.
     """
     root = Path(root)
     if not root.is_dir():
@@ -82,7 +91,10 @@ def load_image_folder(
                 continue
             try:
                 with Image.open(path) as image:
-                    images.append(_resize_square(image, image_size, background))
+                    if in_memory:
+                        images.append(_resize_square(image, image_size, background))
+                    else:
+                        to_rgb(image, background)  # decoded, then let go
             except (
                 UnidentifiedImageError,
                 OSError,
@@ -92,7 +104,7 @@ def load_image_folder(
                 skipped.append(f"{path} (unreadable: {error})")
                 continue
             labels.append(len(class_names))
-            paths.append(str(path))
+            paths.append(str(path) if in_memory else os.path.abspath(path))
             relative = path.relative_to(class_dir).parts
             domains.append(relative[0] if len(relative) > 1 else "")
             count += 1
@@ -118,7 +130,7 @@ def load_image_folder(
             f"{len(single)} classes have one image and cannot be retrieval queries (add a "
             f"second image to make them queries): {_listing(single)}"
         )
-    if not images:
+    if not paths:
         raise ValueError(
             f"no readable images in {root}; expected root/<class>/<image>"
             + ("; " + "; ".join(problems) if problems else "")
@@ -126,11 +138,15 @@ def load_image_folder(
     if problems:
         warnings.warn(f"load_image_folder({str(root)!r}): " + "; ".join(problems), stacklevel=2)
     splits_by_class = [class_split(name, test_fraction, val_fraction) for name in class_names]
+    splits = [splits_by_class[label] for label in labels]
+    labels = torch.tensor(labels, dtype=torch.int64)
+    if not in_memory:
+        return FileList(root, paths, labels, class_names, splits, domains)
     return ImageData(
         images=_to_tensor(images),
-        labels=torch.tensor(labels, dtype=torch.int64),
+        labels=labels,
         class_names=class_names,
-        splits=[splits_by_class[label] for label in labels],
+        splits=splits,
         domains=domains,
         paths=paths,
     )
