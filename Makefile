@@ -20,7 +20,7 @@ LAB_OVERRIDES := $(VENV)/share/jupyter/lab/settings/overrides.json
 # refreshes them (then run `make test` and commit the file if it passes).
 LOCK := constraints.txt
 
-.PHONY: env sysdeps data run docs test test-unit test-notebooks test-gpu test-thorough lock lab lint format compare benchmark clean
+.PHONY: env sysdeps data run docs test test-unit test-notebooks test-gpu test-thorough lock lab lint format compare paper benchmark clean
 
 env: sysdeps $(STAMP) $(LAB_OVERRIDES)
 
@@ -142,6 +142,17 @@ test-thorough: env
 # on a GPU).
 compare: data
 	$(BIN)/python benchmarks/compare.py --preset $(PRESET)
+
+# One paper's recipe (utils_cv/similarity/paper.py) on a benchmark in its official layout:
+# make paper RECIPE=norm_softmax_512 DATASET=cub ROOT=/data/CUB_200_2011 [OUT=results/paper]
+# (hours on a GPU at the recipe's size; ARGS="--epochs 1 --cpu" and the like for a quick run).
+RECIPE ?= norm_softmax_512
+DATASET ?= cub
+OUT ?= results/paper
+paper: env
+	@test -n "$(ROOT)" || { echo "Name the dataset's folder: make paper ROOT=/path/to/CUB_200_2011"; exit 1; }
+	$(BIN)/python -m utils_cv.similarity.paper --recipe $(RECIPE) --dataset $(DATASET) \
+	  --root "$(ROOT)" --out "$(OUT)" $(ARGS)
 
 benchmark: env
 	$(BIN)/python benchmarks/eval_speed.py

@@ -200,10 +200,12 @@ def _net(setting: Setting, normalize: bool = True, **kwargs) -> torch.nn.Module:
 def _two_head(setting: Setting, config: Mapping[str, Any]) -> torch.nn.Module:
     imagenet = setting.name == IMAGENET
     backbone = config["finetune_backbone" if imagenet else "backbone"]
+    # A FileList holds no pixels: it is decoded at the config's image size (paper.py).
+    pixels = getattr(setting.train, "images", None)
     model = TwoHeadNet(
         backbone,
         num_classes=setting.train.num_classes,
-        image_size=tuple(setting.train.images.shape[2:]),
+        image_size=config["image_size"] if pixels is None else tuple(pixels.shape[2:]),
         embedding_size=config["embedding_size"],
         weights="imagenet" if imagenet else config["weights"],
         frozen_stages=config["frozen_stages"] if imagenet else 0,
@@ -233,7 +235,8 @@ def method_recipe(
         recipe["loss"] = partial(TripletLoss, margin, mining=method)
     elif method == "proxy_nca":
         recipe["loss"] = partial(ProxyNCALoss, C, D, scale=config["scale"],
-                                 proxies_per_class=config.get("proxies_per_class", 1))  # fmt: skip
+                                 proxies_per_class=config.get("proxies_per_class", 1),
+                                 label_smoothing=config.get("label_smoothing", 0.0))  # fmt: skip
         recipe["lr"] = setting.rate((1.0, config["proxy_lr_multiplier"]))
     elif method == "norm_softmax":
         layer_norm = config.get("layer_norm", True)
