@@ -168,3 +168,16 @@ def test_fast_retrieval_gpu(tmp_path):
     assert indexes["hnsw (ef_search 64)"]["recall@1"] > indexes["flat"]["recall@1"] - 0.02
     assert metrics["config"]["scale_references"] == 1_000_000
     assert metrics["save_load"]["same_neighbours"] is True
+
+
+def test_your_own_data_gpu(tmp_path):
+    metrics = run_notebook("09_your_own_data", tmp_path, PRESET="gpu")
+    assert_sane(metrics)
+    assert metrics["preset"] == "gpu"
+    # Not yet run on a GPU. What the notebook claims whatever the run: fine-tuning from
+    # ImageNet weights beats the ImageNet features on the held-out emoji classes (notebook
+    # 00: features 0.26, fine-tuned 0.49 with the CPU preset), and the saved index loads
+    # back and answers the same.
+    assert metrics["finetuned"]["recall@1"] > metrics["imagenet_features"]["recall@1"] + 0.05
+    assert metrics["index"]["same_neighbours"] is True
+    assert metrics["benchmarks"]["inshop"]["evaluation"] == "query->gallery"

@@ -194,6 +194,20 @@ EXPECTED_KEYS = {
         "own_query/first_label",
         "summary/exact recall@1",
     ],
+    "09_your_own_data": [
+        "preset",
+        "dataset",
+        "imagenet_features/recall@1",
+        "finetuned/recall@1",
+        "finetuned/map@r",
+        "finetuning/best_val_recall@1",
+        "index/same_neighbours",
+        "upload/first_label",
+        "layouts/cub/test",
+        "benchmarks/cub/recall@1",
+        "benchmarks/inshop/recall@1",
+        "summary/fine-tuned recall@1",
+    ],
     "07_method_comparison": [
         "preset",
         "dataset",
@@ -242,6 +256,26 @@ def assert_fast_retrieval(metrics: dict) -> None:
     assert kinds >= {"flat", "ivf_flat", "hnsw", "binary_flat"}, kinds
 
 
+def assert_your_own_data(metrics: dict) -> None:
+    """Notebook 09's claims at any size: the loaded index answers as the saved one, the
+    uploaded image was held out of the catalogue, each stand-in benchmark holds the images
+    written into it with the official splits (half the classes test), and In-Shop is
+    evaluated as queries against its gallery."""
+    assert metrics["index"]["same_neighbours"] is True
+    assert metrics["upload"]["held_out"] is True
+    assert metrics["index"]["images"] == metrics["index"]["catalogue"]
+    layouts = metrics["layouts"]
+    assert len({layout["images"] for layout in layouts.values()}) == 1, layouts
+    for name, layout in layouts.items():
+        assert layout["train"] + layout["val"] + layout["test"] == layout["images"], name
+        assert layout["test"] > 0 and layout["train"] > 0, name
+    assert layouts["cub"]["test"] == layouts["sop"]["test"] == layouts["inshop"]["test"]
+    inshop = metrics["benchmarks"]["inshop"]
+    assert inshop["evaluation"] == "query->gallery"
+    assert 0 < inshop["num_queries"] < layouts["inshop"]["test"]
+    assert metrics["benchmarks"]["cub"]["num_queries"] == layouts["cub"]["test"]
+
+
 def test_every_notebook_has_a_smoke_test():
     names = {p.stem for p in NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb")}
     assert names == set(EXPECTED_KEYS), f"untested: {names - set(EXPECTED_KEYS)}"
@@ -274,6 +308,8 @@ def test_notebook_smoke(name, tmp_path, request):
     assert_trained_as_planned(name, trainings(out))
     if name == "08_fast_retrieval":
         assert_fast_retrieval(metrics)
+    if name == "09_your_own_data":
+        assert_your_own_data(metrics)
     if name == "01_triplet_baseline":
         for method in metrics["methods"].values():
             # one Recall@1 per seed, and the recorded mean is their mean
@@ -331,6 +367,8 @@ def test_notebook_smoke_on_your_own_images(name, domains, tmp_path):
         assert "retrieval/two heads: ranking embedding/recall@1" in flat
     elif name == "08_fast_retrieval":  # indexes over the folder's test classes
         assert_fast_retrieval(metrics)
+    elif name == "09_your_own_data":  # the folder indexed, its test classes in each layout
+        assert_your_own_data(metrics)
     elif name == "07_method_comparison":  # its own results, beside its outputs
         assert metrics["results"] == str(tmp_path / "outputs" / "results")
         assert "methods/from ImageNet/batch_hard/recall@1" in flat

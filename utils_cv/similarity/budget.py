@@ -132,6 +132,8 @@ def planned_trainings(
         return _count([(SCRATCH, epochs, 4 * seeds + ablations), (IMAGENET, tuned, 4 * seeds)])
     if notebook == "08_fast_retrieval":  # one model; the lesson is the search
         return _count([(SCRATCH, epochs, 1)])
+    if notebook == "09_your_own_data":  # one fine-tuning of the pretrained network
+        return _count([(IMAGENET, tuned, 1)])
     if notebook == "07_method_comparison":
         methods = compare.to_train(c)
         budget = {SCRATCH: epochs, IMAGENET: tuned}
