@@ -150,7 +150,58 @@ class FileDataset(Dataset):
             return self.transform(pixels).contiguous(), self.labels[index]
 
 
-class FileDataLoader:
+class IndexBatches:
+    """What ``FileDataLoader`` and ``training.DeviceDataLoader`` share: the batching
+    arguments and their checks, the number of batches, the order of the indices (a
+    permutation from the loader's seeded generator, or the batch sampler's lists) and
+    ``one_batch``. A subclass calls ``_set_batching`` and says how many items it has."""
+
+    def _set_batching(
+        self,
+        batch_size: int,
+        shuffle: bool,
+        drop_last: bool,
+        batch_sampler: Iterable[Sequence[int]] | None,
+        seed: int,
+    ) -> None:
+        if batch_sampler is not None and not hasattr(batch_sampler, "__len__"):
+            raise TypeError(
+                f"batch_sampler {type(batch_sampler).__name__} has no len(); fastai needs the "
+                "number of batches per epoch, so give the sampler a __len__"
+            )
+        if batch_sampler is None and batch_size < 1:
+            raise ValueError(f"batch_size={batch_size} must be at least 1")
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.batch_sampler = batch_sampler
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def _num_items(self) -> int:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        if self.batch_sampler is not None:
+            return len(self.batch_sampler)
+        if self.drop_last:
+            return self._num_items() // self.batch_size
+        return -(-self._num_items() // self.batch_size)
+
+    def _batch_indices(self) -> Iterator[Sequence[int] | torch.Tensor]:
+        if self.batch_sampler is not None:
+            yield from self.batch_sampler
+            return
+        n = self._num_items()
+        order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
+        for start in range(0, len(self) * self.batch_size, self.batch_size):
+            yield order[start : start + self.batch_size]
+
+    def one_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first batch of a pass (to look at, or for fastai's ``summary``)."""
+        return next(iter(self))
+
+
+class FileDataLoader(IndexBatches):
     """Batches of a ``FileList``, decoded (and augmented) in worker processes.
 
     The contract of ``training.DeviceDataLoader``: each batch is ``(images, labels)``,
@@ -188,33 +239,18 @@ class FileDataLoader:
         seed: int = 0,
         background: tuple[int, int, int] = WHITE,
     ):
-        if batch_sampler is not None and not hasattr(batch_sampler, "__len__"):
-            raise TypeError(
-                f"batch_sampler {type(batch_sampler).__name__} has no len(); fastai needs the "
-                "number of batches per epoch, so give the sampler a __len__"
-            )
-        if batch_sampler is None and batch_size < 1:
-            raise ValueError(f"batch_size={batch_size} must be at least 1")
         if not isinstance(augment, bool):
             raise ValueError(
                 f"augment={augment!r}: a FileList takes True (random resized crop and "
                 "horizontal flip) or False; strengths are for in-memory data (augment_batch)"
             )
+        self._set_batching(batch_size, shuffle, drop_last, batch_sampler, seed)
         self.dataset = FileDataset(files, image_size, augment, background)
-        self.batch_size = batch_size
-        self.shuffle = shuffle
-        self.drop_last = drop_last
-        self.batch_sampler = batch_sampler
         self.num_workers = default_num_workers() if num_workers is None else num_workers
         self.device = torch.device("cpu") if device is None else torch.device(device)
-        self.generator = torch.Generator().manual_seed(seed)
 
-    def __len__(self) -> int:
-        if self.batch_sampler is not None:
-            return len(self.batch_sampler)
-        if self.drop_last:
-            return len(self.dataset) // self.batch_size
-        return -(-len(self.dataset) // self.batch_size)
+    def _num_items(self) -> int:
+        return len(self.dataset)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         # Workers start for each pass and end with it: nothing decoded outlives a pass.
@@ -240,19 +276,6 @@ class FileDataLoader:
             shutdown = getattr(batches, "_shutdown_workers", None)  # with workers only
             if shutdown is not None:
                 shutdown()
-
-    def _batch_indices(self) -> Iterator[Sequence[int]]:
-        if self.batch_sampler is not None:
-            yield from self.batch_sampler
-            return
-        n = len(self.dataset)
-        order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
-        for start in range(0, len(self) * self.batch_size, self.batch_size):
-            yield order[start : start + self.batch_size].tolist()
-
-    def one_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first batch of a pass (to look at, or for fastai's ``summary``)."""
-        return next(iter(self))
 
     def to(self, device: torch.device | str) -> FileDataLoader:
         """Send the batches to ``device`` (fastai calls this when the ``DataLoaders`` move)."""

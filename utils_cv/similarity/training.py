@@ -62,7 +62,7 @@ from utils_cv.similarity.distributed import (
     sync_batchnorm,
     world,
 )
-from utils_cv.similarity.file_loader import FileDataLoader
+from utils_cv.similarity.file_loader import FileDataLoader, IndexBatches
 from utils_cv.similarity.metrics import retrieval_metrics
 
 if TYPE_CHECKING:
@@ -71,7 +71,7 @@ if TYPE_CHECKING:
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
 
-class DeviceDataLoader:
+class DeviceDataLoader(IndexBatches):
     """Batches of an in-memory ``ImageData``, made and augmented on its device.
 
     Each batch is ``(images, labels)``: images (B, 3, H, W) float in [0, 1], labels (B,)
@@ -102,28 +102,13 @@ class DeviceDataLoader:
         device: torch.device | str | None = None,
         seed: int = 0,
     ):
-        if batch_sampler is not None and not hasattr(batch_sampler, "__len__"):
-            raise TypeError(
-                f"batch_sampler {type(batch_sampler).__name__} has no len(); fastai needs the "
-                "number of batches per epoch, so give the sampler a __len__"
-            )
-        if batch_sampler is None and batch_size < 1:
-            raise ValueError(f"batch_size={batch_size} must be at least 1")
+        self._set_batching(batch_size, shuffle, drop_last, batch_sampler, seed)
         self.data = data if device is None else data.to(device)
         self.device = self.data.images.device
-        self.batch_size = batch_size
-        self.shuffle = shuffle
-        self.drop_last = drop_last
         self.strength = float(augment)
-        self.batch_sampler = batch_sampler
-        self.generator = torch.Generator().manual_seed(seed)
 
-    def __len__(self) -> int:
-        if self.batch_sampler is not None:
-            return len(self.batch_sampler)
-        if self.drop_last:
-            return len(self.data) // self.batch_size
-        return math.ceil(len(self.data) / self.batch_size)
+    def _num_items(self) -> int:
+        return len(self.data)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for index in self._batch_indices():
@@ -132,19 +117,6 @@ class DeviceDataLoader:
             if self.strength > 0:
                 images = augment_batch(images, self.generator, self.strength)
             yield images, self.data.labels[index]
-
-    def _batch_indices(self) -> Iterator[Sequence[int] | torch.Tensor]:
-        if self.batch_sampler is not None:
-            yield from self.batch_sampler
-            return
-        n = len(self.data)
-        order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
-        for start in range(0, len(self) * self.batch_size, self.batch_size):
-            yield order[start : start + self.batch_size]
-
-    def one_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first batch of a pass (to look at, or for fastai's ``summary``)."""
-        return next(iter(self))
 
     def to(self, device: torch.device | str) -> DeviceDataLoader:
         """Move the data to ``device`` (fastai calls this when the ``DataLoaders`` move)."""
