@@ -12,8 +12,9 @@ from __future__ import annotations
 import hashlib
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import ClassVar, Self
 
 import numpy as np
 import torch
@@ -24,8 +25,95 @@ SPLITS: tuple[str, ...] = ("train", "val", "test")
 DATA_DIR = Path(__file__).resolve().parents[3] / "data"
 
 
+class PerImageFields:
+    """What ``ImageData`` and ``FileList`` (datasets/file_list.py) share: per-image fields
+    of one length, labels indexing ``class_names``, the split names, and selecting images.
+
+    A subclass is a dataclass with ``labels``, ``class_names`` and ``splits`` fields and
+    names its per-image fields in ``_per_image``, the one that defines the length first;
+    each is a tensor, a list, or None (an optional field).
+    """
+
+    _per_image: ClassVar[tuple[str, ...]]
+
+    def __len__(self) -> int:
+        return len(getattr(self, self._per_image[0]))
+
+    def _check_per_image(self) -> None:
+        n, first = len(self), self._per_image[0]
+        lengths = {
+            name: len(getattr(self, name))
+            for name in self._per_image[1:]
+            if getattr(self, name) is not None
+        }
+        bad = {k: v for k, v in lengths.items() if v != n}
+        if bad:
+            raise ValueError(f"{n} {first} but lengths {bad}; every per-image field needs N={n}")
+        labels = self.labels
+        if labels.dtype != torch.int64 or labels.dim() != 1:
+            raise ValueError(f"labels must be (N,) int64, got {tuple(labels.shape)} {labels.dtype}")
+        # Checked on the CPU only: elsewhere it would cost a device sync at every subset.
+        on_cpu = labels.device.type == "cpu"
+        if n and on_cpu and (labels.min() < 0 or labels.max() >= len(self.class_names)):
+            raise ValueError(
+                f"labels must index class_names (0..{len(self.class_names) - 1}), got range "
+                f"{int(labels.min())}..{int(labels.max())}"
+            )
+        unknown = sorted(set(self.splits) - set(SPLITS))
+        if unknown:
+            raise ValueError(f"unknown split names {unknown}; expected {list(SPLITS)}")
+
+    def _split_counts(self) -> dict[str, int]:
+        return {s: self.splits.count(s) for s in SPLITS if s in self.splits}
+
+    @property
+    def num_classes(self) -> int:
+        """Number of distinct labels present (not ``len(class_names)``)."""
+        return int(torch.unique(self.labels).numel())
+
+    def subset(self, index: torch.Tensor | Sequence[int] | Sequence[bool]) -> Self:
+        """Images selected by a bool mask (N,) or integer indices; keeps ``class_names``."""
+        index = torch.as_tensor(index)
+        if index.dtype == torch.bool:
+            if index.shape != (len(self),):
+                raise ValueError(f"bool mask has shape {tuple(index.shape)}, needs ({len(self)},)")
+            index = index.nonzero().flatten()
+        index = index.long().cpu()
+        keep = index.tolist()
+        selected = {}
+        for name in self._per_image:
+            value = getattr(self, name)
+            if isinstance(value, torch.Tensor):
+                selected[name] = value[index.to(value.device)]
+            elif value is not None:
+                selected[name] = [value[i] for i in keep]
+        return replace(self, class_names=list(self.class_names), **selected)
+
+    def split(self, name: str) -> Self:
+        """The images whose split is ``name`` ("train", "val" or "test")."""
+        if name not in SPLITS:
+            raise ValueError(f"split {name!r} unknown; use one of {list(SPLITS)}")
+        return self.subset([s == name for s in self.splits])
+
+    def relabel(self) -> Self:
+        """Labels made contiguous 0..C-1 in order of the old labels; class_names reduced.
+        Other tensors (the images) are shared with ``self``, lists copied."""
+        present, labels = torch.unique(self.labels, return_inverse=True)
+        lists = {
+            name: list(getattr(self, name))
+            for name in self._per_image
+            if isinstance(getattr(self, name), list)
+        }
+        return replace(
+            self,
+            labels=labels.to(torch.int64),
+            class_names=[self.class_names[i] for i in present.tolist()],
+            **lists,
+        )
+
+
 @dataclass
-class ImageData:
+class ImageData(PerImageFields):
     """Images with labels, class names, splits, domains and source paths.
 
     images: (N, 3, H, W) uint8 RGB, on any device (CPU by default).
@@ -43,84 +131,21 @@ class ImageData:
     domains: list[str]
     paths: list[str]
 
+    _per_image: ClassVar[tuple[str, ...]] = ("images", "labels", "splits", "domains", "paths")
+
     def __post_init__(self) -> None:
-        n = len(self.images)
         if self.images.dtype != torch.uint8 or self.images.dim() != 4 or self.images.shape[1] != 3:
             raise ValueError(
                 f"images must be (N, 3, H, W) uint8, got {tuple(self.images.shape)} "
                 f"{self.images.dtype}"
             )
-        lengths = {
-            "labels": len(self.labels),
-            "splits": len(self.splits),
-            "domains": len(self.domains),
-            "paths": len(self.paths),
-        }
-        bad = {k: v for k, v in lengths.items() if v != n}
-        if bad:
-            raise ValueError(f"{n} images but lengths {bad}; every per-image field needs N={n}")
-        if self.labels.dtype != torch.int64:
-            raise ValueError(f"labels must be int64, got {self.labels.dtype}")
-        # Checked on the CPU only: elsewhere it would cost a device sync at every subset.
-        on_cpu = self.labels.device.type == "cpu"
-        if n and on_cpu and (self.labels.min() < 0 or self.labels.max() >= len(self.class_names)):
-            raise ValueError(
-                f"labels must index class_names (0..{len(self.class_names) - 1}), got range "
-                f"{int(self.labels.min())}..{int(self.labels.max())}"
-            )
-        unknown = sorted(set(self.splits) - set(SPLITS))
-        if unknown:
-            raise ValueError(f"unknown split names {unknown}; expected {list(SPLITS)}")
-
-    def __len__(self) -> int:
-        return len(self.images)
+        self._check_per_image()
 
     def __repr__(self) -> str:
-        counts = {s: self.splits.count(s) for s in SPLITS if s in self.splits}
         return (
             f"ImageData({len(self)} images {tuple(self.images.shape[1:])}, "
-            f"{self.num_classes} classes, splits {counts}, device {self.images.device})"
-        )
-
-    @property
-    def num_classes(self) -> int:
-        """Number of distinct labels present (not ``len(class_names)``)."""
-        return int(torch.unique(self.labels).numel())
-
-    def subset(self, index: torch.Tensor | Sequence[int] | Sequence[bool]) -> ImageData:
-        """Images selected by a bool mask (N,) or integer indices; keeps ``class_names``."""
-        index = torch.as_tensor(index)
-        if index.dtype == torch.bool:
-            if index.shape != (len(self),):
-                raise ValueError(f"bool mask has shape {tuple(index.shape)}, needs ({len(self)},)")
-            index = index.nonzero().flatten()
-        index = index.long().cpu()
-        keep = index.tolist()
-        return ImageData(
-            images=self.images[index.to(self.images.device)],
-            labels=self.labels[index.to(self.labels.device)],
-            class_names=list(self.class_names),
-            splits=[self.splits[i] for i in keep],
-            domains=[self.domains[i] for i in keep],
-            paths=[self.paths[i] for i in keep],
-        )
-
-    def split(self, name: str) -> ImageData:
-        """The images whose split is ``name`` ("train", "val" or "test")."""
-        if name not in SPLITS:
-            raise ValueError(f"split {name!r} unknown; use one of {list(SPLITS)}")
-        return self.subset([s == name for s in self.splits])
-
-    def relabel(self) -> ImageData:
-        """Labels made contiguous 0..C-1 in order of the old labels; class_names reduced."""
-        present, labels = torch.unique(self.labels, return_inverse=True)
-        return ImageData(
-            images=self.images,
-            labels=labels.to(torch.int64),
-            class_names=[self.class_names[i] for i in present.tolist()],
-            splits=list(self.splits),
-            domains=list(self.domains),
-            paths=list(self.paths),
+            f"{self.num_classes} classes, splits {self._split_counts()}, "
+            f"device {self.images.device})"
         )
 
     def to(self, device: torch.device | str) -> ImageData:

@@ -21,15 +21,16 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from PIL import Image, UnidentifiedImageError
 
 from utils_cv.common.download import download, safe_extract
 from utils_cv.similarity.datasets.base import (
-    SPLITS,
     WHITE,
     ImageData,
+    PerImageFields,
     _resize_square,
     _to_tensor,
     class_split,
@@ -40,7 +41,7 @@ _MAX_LISTED = 5
 
 
 @dataclass
-class FileList:
+class FileList(PerImageFields):
     """Image files with labels, class names, splits and domains, not yet decoded.
 
     root: the dataset's folder, as given to its loader.
@@ -61,28 +62,17 @@ class FileList:
     domains: list[str]
     super_classes: list[str] | None = None
 
+    _per_image: ClassVar[tuple[str, ...]] = (
+        "paths",
+        "labels",
+        "splits",
+        "domains",
+        "super_classes",
+    )
+
     def __post_init__(self) -> None:
         self.root = Path(self.root)
-        n = len(self.paths)
-        lengths = {"labels": len(self.labels), "splits": len(self.splits)}
-        lengths["domains"] = len(self.domains)
-        if self.super_classes is not None:
-            lengths["super_classes"] = len(self.super_classes)
-        bad = {k: v for k, v in lengths.items() if v != n}
-        if bad:
-            raise ValueError(f"{n} paths but lengths {bad}; every per-image field needs N={n}")
-        if self.labels.dtype != torch.int64 or self.labels.dim() != 1:
-            raise ValueError(
-                f"labels must be (N,) int64, got {tuple(self.labels.shape)} {self.labels.dtype}"
-            )
-        if n and (self.labels.min() < 0 or self.labels.max() >= len(self.class_names)):
-            raise ValueError(
-                f"labels must index class_names (0..{len(self.class_names) - 1}), got range "
-                f"{int(self.labels.min())}..{int(self.labels.max())}"
-            )
-        unknown = sorted(set(self.splits) - set(SPLITS))
-        if unknown:
-            raise ValueError(f"unknown split names {unknown}; expected {list(SPLITS)}")
+        self._check_per_image()
         relative = [p for p in self.paths if not os.path.isabs(p)]
         if relative:
             raise ValueError(
@@ -90,59 +80,10 @@ class FileList:
                 "(root / path) so the list reads the same from any working directory"
             )
 
-    def __len__(self) -> int:
-        return len(self.paths)
-
     def __repr__(self) -> str:
-        counts = {s: self.splits.count(s) for s in SPLITS if s in self.splits}
         return (
             f"FileList({len(self)} images under {self.root}, {self.num_classes} classes, "
-            f"splits {counts})"
-        )
-
-    @property
-    def num_classes(self) -> int:
-        """Number of distinct labels present (not ``len(class_names)``)."""
-        return int(torch.unique(self.labels).numel())
-
-    def subset(self, index: torch.Tensor | Sequence[int] | Sequence[bool]) -> FileList:
-        """Files selected by a bool mask (N,) or integer indices; keeps ``class_names``."""
-        index = torch.as_tensor(index)
-        if index.dtype == torch.bool:
-            if index.shape != (len(self),):
-                raise ValueError(f"bool mask has shape {tuple(index.shape)}, needs ({len(self)},)")
-            index = index.nonzero().flatten()
-        keep = index.long().tolist()
-        return FileList(
-            root=self.root,
-            paths=[self.paths[i] for i in keep],
-            labels=self.labels[index.long()],
-            class_names=list(self.class_names),
-            splits=[self.splits[i] for i in keep],
-            domains=[self.domains[i] for i in keep],
-            super_classes=(
-                None if self.super_classes is None else [self.super_classes[i] for i in keep]
-            ),
-        )
-
-    def split(self, name: str) -> FileList:
-        """The files whose split is ``name`` ("train", "val" or "test")."""
-        if name not in SPLITS:
-            raise ValueError(f"split {name!r} unknown; use one of {list(SPLITS)}")
-        return self.subset([s == name for s in self.splits])
-
-    def relabel(self) -> FileList:
-        """Labels made contiguous 0..C-1 in order of the old labels; class_names reduced
-        (as ``ImageData.relabel``)."""
-        present, labels = torch.unique(self.labels, return_inverse=True)
-        return FileList(
-            root=self.root,
-            paths=list(self.paths),
-            labels=labels.to(torch.int64),
-            class_names=[self.class_names[i] for i in present.tolist()],
-            splits=list(self.splits),
-            domains=list(self.domains),
-            super_classes=None if self.super_classes is None else list(self.super_classes),
+            f"splits {self._split_counts()})"
         )
 
     def load(self, image_size: int, background: tuple[int, int, int] = WHITE) -> ImageData:
