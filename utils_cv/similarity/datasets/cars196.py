@@ -13,12 +13,13 @@ import os
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from utils_cv.similarity.datasets.file_list import (
     FileList,
     check_class_count,
     check_images_exist,
+    dataset_root,
+    file_list_from,
     official_split,
 )
 
@@ -57,10 +58,7 @@ def load_cars196(root: str | os.PathLike, val_fraction: float = 0.2) -> FileList
     Raises FileNotFoundError for a missing folder, file or image, ValueError for a file
     that is not this MATLAB file; warns when it does not have 196 classes.
     """
-    root = Path(root).expanduser()
-    if not root.is_dir():
-        raise FileNotFoundError(f"Cars196 folder {root} does not exist; {CARS196_FIX}")
-    root = root.absolute()
+    root = dataset_root(root, "Cars196", CARS196_FIX)
     annos = root / "cars_annos.mat"
     if not annos.is_file():
         classification = [n for n in ("cars_train", "cars_test", "devkit") if (root / n).exists()]
@@ -86,14 +84,7 @@ def load_cars196(root: str | os.PathLike, val_fraction: float = 0.2) -> FileList
     paths = [str(root / path) for path, _ in records]
     check_images_exist(paths, annos, CARS196_FIX)
     labels = [class_id - 1 for _, class_id in records]
-    return FileList(
-        root=root,
-        paths=paths,
-        labels=torch.tensor(labels, dtype=torch.int64),
-        class_names=class_names,
-        splits=[class_splits[label] for label in labels],
-        domains=[""] * len(paths),
-    )
+    return file_list_from(root, paths, labels, class_names, class_splits)
 
 
 def _read_annotations(path: Path) -> tuple[list[tuple[str, int]], list[str]]:

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import os
 
-import torch
-
 from utils_cv.similarity.datasets.file_list import (
     FileList,
     check_class_count,
     check_images_exist,
     choose_root,
+    dataset_root,
     fetch_archive,
+    file_list_from,
     official_split,
     read_index,
 )
@@ -70,9 +70,7 @@ def load_cub(
             / "CUB_200_2011"
         ),
     )
-    if not root.is_dir():
-        raise FileNotFoundError(f"CUB-200-2011 folder {root} does not exist; {CUB_FIX}")
-    root = root.absolute()
+    root = dataset_root(root, "CUB-200-2011", CUB_FIX)
     images = read_index(root / "images.txt", ("image_id:int", "path"), CUB_FIX)
     image_labels = dict(
         read_index(root / "image_class_labels.txt", ("image_id:int", "class_id:int"), CUB_FIX)
@@ -98,11 +96,4 @@ def load_cub(
     paths = [str(root / "images" / path) for _, path in images]
     check_images_exist(paths, root / "images.txt", CUB_FIX)
     labels = [image_labels[image_id] - 1 for image_id, _ in images]
-    return FileList(
-        root=root,
-        paths=paths,
-        labels=torch.tensor(labels, dtype=torch.int64),
-        class_names=class_names,
-        splits=[class_splits[label] for label in labels],
-        domains=[""] * len(paths),
-    )
+    return file_list_from(root, paths, labels, class_names, class_splits)

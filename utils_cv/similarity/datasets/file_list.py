@@ -121,6 +121,38 @@ class FileList(PerImageFields):
         )
 
 
+def dataset_root(root: str | os.PathLike, dataset: str, fix: str) -> Path:
+    """``root`` as an absolute Path; FileNotFoundError naming ``dataset`` and ``fix`` when it
+    is not a folder."""
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f"{dataset} folder {root} does not exist; {fix}")
+    return root.absolute()
+
+
+def file_list_from(
+    root: Path,
+    paths: list[str],
+    labels: list[int],
+    class_names: list[str],
+    class_splits: list[str],
+    *,
+    domains: list[str] | None = None,
+    super_classes: list[str] | None = None,
+) -> FileList:
+    """A loader's FileList: each image split as its class (``class_splits[label]``), domains
+    "" unless given."""
+    return FileList(
+        root=root,
+        paths=paths,
+        labels=torch.tensor(labels, dtype=torch.int64),
+        class_names=class_names,
+        splits=[class_splits[label] for label in labels],
+        domains=[""] * len(paths) if domains is None else domains,
+        super_classes=super_classes,
+    )
+
+
 def read_index(
     path: Path, columns: Sequence[str], fix: str, *, header: bool = False, count: bool = False
 ) -> list[list]:

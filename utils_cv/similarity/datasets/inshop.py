@@ -11,14 +11,13 @@ exactly that evaluation.
 from __future__ import annotations
 
 import os
-from pathlib import Path
-
-import torch
 
 from utils_cv.similarity.datasets.file_list import (
     FileList,
     check_class_count,
     check_images_exist,
+    dataset_root,
+    file_list_from,
     official_split,
     read_index,
 )
@@ -59,10 +58,7 @@ def load_inshop(root: str | os.PathLike, val_fraction: float = 0.2) -> FileList:
     line or an item that is both a training and a test item; warns when the item counts are
     not the official 3,997 and 3,985.
     """
-    root = Path(root).expanduser()
-    if not root.is_dir():
-        raise FileNotFoundError(f"In-Shop folder {root} does not exist; {INSHOP_FIX}")
-    root = root.absolute()
+    root = dataset_root(root, "In-Shop", INSHOP_FIX)
     index = root / "list_eval_partition.txt"
     if not index.is_file() and (root / "Eval" / index.name).is_file():
         index = root / "Eval" / index.name
@@ -88,11 +84,5 @@ def load_inshop(root: str | os.PathLike, val_fraction: float = 0.2) -> FileList:
     paths = [str(root / name) for name, _, _ in rows]
     check_images_exist(paths, index, INSHOP_FIX)
     labels = [label_of[item] for _, item, _ in rows]
-    return FileList(
-        root=root,
-        paths=paths,
-        labels=torch.tensor(labels, dtype=torch.int64),
-        class_names=class_names,
-        splits=[class_splits[label] for label in labels],
-        domains=["" if status == "train" else status for _, _, status in rows],
-    )
+    domains = ["" if status == "train" else status for _, _, status in rows]
+    return file_list_from(root, paths, labels, class_names, class_splits, domains=domains)

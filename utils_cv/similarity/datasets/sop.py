@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import os
 
-import torch
-
 from utils_cv.similarity.datasets.file_list import (
     FileList,
     check_class_count,
     check_images_exist,
     choose_root,
+    dataset_root,
     fetch_archive,
+    file_list_from,
     official_split,
     read_index,
 )
@@ -82,9 +82,7 @@ def load_sop(
             / "Stanford_Online_Products"
         ),
     )
-    if not root.is_dir():
-        raise FileNotFoundError(f"Stanford Online Products folder {root} does not exist; {SOP_FIX}")
-    root = root.absolute()
+    root = dataset_root(root, "Stanford Online Products", SOP_FIX)
     rows = {
         split: read_index(root / f"Ebay_{split}.txt", SOP_COLUMNS, SOP_FIX, header=True)
         for split in ("train", "test")
@@ -115,12 +113,11 @@ def load_sop(
     every = rows["train"] + rows["test"]
     paths = [str(root / row[3]) for row in every]
     labels = [index[row[1]] for row in every]
-    return FileList(
-        root=root,
-        paths=paths,
-        labels=torch.tensor(labels, dtype=torch.int64),
-        class_names=class_names,
-        splits=[class_splits[label] for label in labels],
-        domains=[""] * len(paths),
+    return file_list_from(
+        root,
+        paths,
+        labels,
+        class_names,
+        class_splits,
         super_classes=[row[3].split("/")[0] for row in every],
     )
