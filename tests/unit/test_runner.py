@@ -8,14 +8,22 @@ import os
 import numpy as np
 import pytest
 import torch
+from fastai.callback.core import Callback
 from fastai.learner import Learner
+from fastcore.foundation import L
 
 from utils_cv.common.device import set_seed
 from utils_cv.similarity import training
 from utils_cv.similarity.losses import SoftmaxLoss, TripletLoss
 from utils_cv.similarity.metrics import retrieval_metrics
 from utils_cv.similarity.models import EmbeddingNet, embed
-from utils_cv.similarity.runner import TRAINING_LOG, sweep_table, train_run, train_runs
+from utils_cv.similarity.runner import (
+    TRAINING_LOG,
+    lr_schedule,
+    sweep_table,
+    train_run,
+    train_runs,
+)
 from utils_cv.similarity.samplers import ClassBalancedBatchSampler
 from utils_cv.similarity.training import get_history, make_learner, replace_loss
 
@@ -326,3 +334,97 @@ def test_frozen_epochs_leave_a_models_own_frozen_stages_frozen(monkeypatch):
               frozen_epochs=1, batch_size=16, device="cpu")  # fmt: skip
     trainable = [p.requires_grad for p in model.backbone.parameters()]
     assert trainable == [False] * 6 + [True] * 6  # conv weight, BN weight and bias per block
+
+
+@pytest.mark.parametrize(
+    "schedule, per_epoch",
+    [
+        ({"name": "step", "milestones": [2], "gamma": 0.1}, [1, 1, 0.1, 0.1]),
+        ({"name": "step", "milestones": [3, 1], "gamma": 0.5}, [1, 0.5, 0.5, 0.25]),
+        ({"name": "exponential", "gamma": 0.94}, [1, 0.94, 0.94**2, 0.94**3]),
+        ("constant", [1, 1, 1, 1]),
+    ],
+)  # fmt: skip
+def test_paper_schedules_set_the_rate_of_every_batch_of_each_epoch(
+    schedule, per_epoch, monkeypatch
+):
+    """Every batch of epoch e of the loss's phase trains at lr x factor(e), in both parameter
+    groups, the first batch of a milestone epoch included; the frozen epoch before it keeps
+    its constant rate; SGD's momentum stays 0.9 throughout (no one-cycle)."""
+    seen = []
+
+    class Rates(Callback):
+        def after_batch(self):
+            if self.training:
+                seen.append([(h["lr"], h["mom"]) for h in self.opt.hypers])
+
+    fit = Learner.fit
+    monkeypatch.setattr(
+        Learner, "fit", lambda self, *a, cbs=None, **k: fit(self, *a, cbs=L(cbs) + [Rates()], **k)
+    )
+    lr = np.array([1e-2, 3e-2])
+    run = train_run(
+        small_model, lambda: SoftmaxLoss(16, NUM_CLASSES), stripes(0), epochs=5,
+        frozen_epochs=1, lr=lr, warmup_lr=(5e-3, 5e-3), batch_size=16, schedule=schedule,
+        opt_func=training.torch_optimizer(torch.optim.SGD, momentum=0.9), device="cpu",
+    )  # fmt: skip
+    batches = len(run.learn.dls.train)
+    rates = np.array([[rate for rate, _ in groups] for groups in seen])
+    expected = np.concatenate(
+        [np.full((batches, 2), 5e-3), np.repeat(np.array(per_epoch)[:, None] * lr, batches, 0)]
+    )
+    np.testing.assert_allclose(rates, expected, rtol=1e-12)
+    assert {mom for groups in seen for _, mom in groups} == {0.9}
+
+
+def test_the_linear_schedule_falls_to_zero_over_the_phase():
+    factor = lr_schedule("linear", 4)
+    positions = np.arange(12) / 12  # 4 epochs of 3 batches, as fastai's pct_train
+    values = [factor(pos) for pos in positions]
+    assert values[0] == 1 and all(a > b for a, b in zip(values, values[1:], strict=False))
+    assert values[-1] == pytest.approx(1 / 12)
+
+
+def test_step_milestones_switch_exactly_at_the_epoch_for_any_number_of_batches():
+    """pct_train = iteration / (epochs x batches) is a float, and int(pct x epochs) falls one
+    epoch short for many (e.g. 15 of 22): the last batch before each milestone and the first
+    at it must still get their epoch's rate."""
+    for epochs in (7, 22, 31):
+        for milestone in range(1, epochs):
+            factor = lr_schedule({"name": "step", "milestones": [milestone]}, epochs)
+            for batches in (1, 3, 49, 1000):
+                first = milestone * batches  # the first iteration of the milestone epoch
+                assert factor((first - 1) / (epochs * batches)) == 1.0
+                assert factor(first / (epochs * batches)) == 0.1, (epochs, milestone, batches)
+
+
+def test_one_cycle_stays_the_default_and_runs_fit_one_cycle(monkeypatch):
+    calls = []
+    monkeypatch.setattr(Learner, "fit", lambda self, n, lr, **kw: calls.append(("fit", n)))
+    monkeypatch.setattr(
+        Learner, "fit_one_cycle", lambda self, n, lr, **kw: calls.append(("cycle", n))
+    )
+    train_run(small_model, triplet, stripes(0), val=stripes(1), epochs=2, lr=1e-2,
+              classes_per_batch=4, samples_per_class=3, device="cpu")  # fmt: skip
+    assert calls == [("cycle", 2)]
+    assert lr_schedule("one_cycle", 3) is None
+
+
+@pytest.mark.parametrize(
+    "schedule, pattern",
+    [
+        ("cosine", "schedule 'cosine' is unknown; choose from"),
+        ({"gamma": 0.1}, "schedule None is unknown"),
+        ({"name": "step", "milestones": [4]}, r"milestones between 1 and 3 .* got \[4\]"),
+        ({"name": "step"}, "needs milestones"),
+        ({"name": "step", "milestones": [0]}, "needs milestones"),
+        ({"name": "exponential", "gamma": 0}, "gamma=0.0 must be positive"),
+        ({"name": "linear", "gamma": 0.5}, r"takes no settings, not \['gamma'\]"),
+        ({"name": "step", "milestones": [2], "step_size": 2}, "not \\['step_size'\\]"),
+    ],
+)  # fmt: skip
+def test_a_wrong_schedule_fails_before_the_training(schedule, pattern, monkeypatch):
+    monkeypatch.setattr(Learner, "fit", lambda *a, **k: pytest.fail("trained"))
+    with pytest.raises(ValueError, match=pattern):
+        train_run(small_model, triplet, stripes(0), epochs=4, lr=1e-2, schedule=schedule,
+                  classes_per_batch=4, samples_per_class=3, device="cpu")  # fmt: skip

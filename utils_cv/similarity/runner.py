@@ -3,7 +3,8 @@
 ``train_run`` is the only place where a notebook's model is trained. It seeds first and
 then builds the model and the loss (pass functions that build them, so the initialization
 repeats with the seed), makes class-balanced batches when asked, trains with fastai's
-one-cycle schedule, keeps the epoch with the best Recall@1 on the *validation* classes,
+one-cycle schedule (or a paper's step, exponential or linear schedule: ``schedule``), keeps
+the epoch with the best Recall@1 on the *validation* classes,
 and evaluates once on the test classes. The result is a small record, ``Run``.
 
 >>> run = train_run(  # doctest: +SKIP
@@ -22,7 +23,7 @@ The phases of one run, in order, ``epochs`` in all:
    update their running statistics, as in the reference code;
 2. ``warmup_epochs`` with ``warmup_loss`` (for example batch-all before batch-hard), one
    one-cycle schedule (both warm-ups at ``warmup_lr``, by default ``lr``);
-3. the remaining epochs with ``loss``, one one-cycle schedule.
+3. the remaining epochs with ``loss``, one ``schedule`` (one-cycle by default).
 
 With ``val``, each phase ends by restoring the best epoch so far (``RetrievalCallback``),
 so the next phase starts from it, and the run ends with the best epoch of all phases.
@@ -43,10 +44,12 @@ import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
+from fastai.callback.schedule import ParamScheduler
 from fastai.learner import Learner
 from torch import nn
 
@@ -76,6 +79,14 @@ ModuleOrBuilder = nn.Module | Callable[[], nn.Module]
 TRAINING_LOG = "UTILS_CV_TRAINING_LOG"
 # Below both, the best-epoch choice on the validation split is noisy: train_run warns.
 FEW_VAL_CLASSES, FEW_VAL_IMAGES = 50, 1000
+# The learning-rate schedules of a phase (``lr_schedule``) and the settings each takes.
+SCHEDULES: dict[str, tuple[str, ...]] = {
+    "one_cycle": (),
+    "constant": (),
+    "step": ("milestones", "gamma"),
+    "exponential": ("gamma",),
+    "linear": (),
+}
 
 
 @dataclass
@@ -137,6 +148,7 @@ def train_run(
     warmup_loss: ModuleOrBuilder | None = None,
     warmup_epochs: int = 0,
     warmup_lr: float | Sequence[float] | None = None,
+    schedule: str | Mapping[str, Any] = "one_cycle",
     ks: Sequence[int] = (1, 2, 4, 8),
     nmi: bool = False,
     progress: bool = False,
@@ -166,6 +178,11 @@ def train_run(
         frozen_epochs: epochs that train only what lies outside ``model.backbone``.
         warmup_loss, warmup_epochs: another loss for the first epochs after the frozen ones.
         warmup_lr: the learning rate of both warm-ups; None: ``lr``.
+        schedule: the learning rate over phase 3, the loss's own epochs (``lr_schedule``):
+            "one_cycle" (fastai's ``fit_one_cycle``, the default), "constant", "linear"
+            (to 0 at the phase's end), {"name": "step", "milestones": [15], "gamma": 0.1}
+            (x gamma at each milestone epoch of the phase, as torch's MultiStepLR) or
+            {"name": "exponential", "gamma": 0.94} (x gamma every epoch, as ExponentialLR).
         ks: the K of Recall@K for the test metrics; ``ks[0]`` also picks the best epoch.
         nmi: also compute NMI and the clustering F1 on the test data (k-means; slower).
         progress: show fastai's progress bars and epoch table.
@@ -183,6 +200,8 @@ def train_run(
             f"frozen_epochs={frozen_epochs} + warmup_epochs={warmup_epochs} leave none of the "
             f"epochs={epochs} for the loss itself; raise epochs or shorten the warm-ups"
         )
+    main_epochs = epochs - frozen_epochs - warmup_epochs
+    lr_schedule(schedule, main_epochs)  # a wrong schedule fails before the training
     if (warmup_loss is None) != (warmup_epochs == 0):
         raise ValueError("warmup_loss and warmup_epochs go together: give both or neither")
     if (classes_per_batch is None) != (samples_per_class is None):
@@ -254,7 +273,7 @@ def train_run(
             _switch_loss(learn, warmup_loss)
             learn.fit_one_cycle(warmup_epochs, warmup_lr)
             _switch_loss(learn, loss)
-        learn.fit_one_cycle(epochs - frozen_epochs - warmup_epochs, lr)
+        fit_scheduled(learn, main_epochs, lr, schedule)
     seconds = time.perf_counter() - start
 
     retrieval = next((cb for cb in learn.cbs if isinstance(cb, RetrievalCallback)), None)
@@ -376,6 +395,67 @@ def _switch_loss(learn: Learner, loss: nn.Module) -> None:
     optimized = {id(p) for group in learn.opt.param_lists for p in group}
     if any(id(p) not in optimized for p in loss.parameters()):
         learn.create_opt()
+
+
+def lr_schedule(schedule: str | Mapping[str, Any], epochs: int) -> Callable[[float], float] | None:
+    """The factor of the peak learning rate at each point of a phase of ``epochs`` epochs,
+    as a function of the phase's progress ``pos`` in [0, 1) (fastai's ``ParamScheduler``
+    calls it before every batch); None for "one_cycle", which ``fit_one_cycle`` runs.
+
+    ``schedule`` is a name of ``SCHEDULES`` or a dict with "name" and that schedule's
+    settings: "constant" (1), "linear" (1 - pos: to 0 at the end, per batch), "step"
+    (``gamma`` to the number of ``milestones``, epochs of the phase counted from 0, reached
+    so far; gamma 0.1 unless given) and "exponential" (``gamma`` to the epoch). ValueError
+    for an unknown name or setting, a missing one, or a milestone outside the phase.
+    """
+    spec = {"name": schedule} if isinstance(schedule, str) else dict(schedule)
+    name = spec.pop("name", None)
+    if name not in SCHEDULES:
+        raise ValueError(f"schedule {name!r} is unknown; choose from {list(SCHEDULES)}")
+    extra = sorted(set(spec) - set(SCHEDULES[name]))
+    if extra:
+        raise ValueError(
+            f"schedule {name!r} takes {list(SCHEDULES[name]) or 'no settings'}, not {extra}"
+        )
+    gamma = float(spec.get("gamma", 0.1))
+    if not gamma > 0:
+        raise ValueError(f"schedule {name!r}: gamma={gamma} must be positive")
+
+    def epoch(pos: float) -> int:  # the epoch of the phase a batch belongs to
+        return min(int(pos * epochs + 1e-6), epochs - 1)
+
+    if name == "one_cycle":
+        return None
+    if name == "constant":
+        return lambda pos: 1.0
+    if name == "linear":
+        return lambda pos: 1.0 - pos
+    if name == "exponential":
+        return lambda pos: gamma ** epoch(pos)
+    milestones = sorted(int(m) for m in spec.get("milestones", ()))
+    if not milestones or not all(0 < m < epochs for m in milestones):
+        raise ValueError(
+            f"schedule 'step' needs milestones between 1 and {epochs - 1} (epochs of the "
+            f"phase of {epochs}), got {milestones}"
+        )
+    return lambda pos: gamma ** sum(epoch(pos) >= m for m in milestones)
+
+
+def fit_scheduled(
+    learn: Learner,
+    epochs: int,
+    lr: float | np.ndarray,
+    schedule: str | Mapping[str, Any] = "one_cycle",
+) -> None:
+    """Train ``epochs`` epochs with peak ``lr`` (one rate or one per parameter group) on
+    ``schedule`` (``lr_schedule``): ``fit_one_cycle`` for "one_cycle", else ``fit`` with a
+    ``ParamScheduler`` that sets ``lr`` times the schedule's factor before every batch
+    (the optimizer's momentum stays as it is)."""
+    factor = lr_schedule(schedule, epochs)
+    if factor is None:
+        learn.fit_one_cycle(epochs, lr)
+        return
+    learn.fit(epochs, lr, cbs=ParamScheduler({"lr": lambda pos: lr * factor(pos)}))
 
 
 def _rates(lr: float | Sequence[float]) -> float | np.ndarray:
