@@ -229,6 +229,11 @@ def batches(draw, exponents=ALL_EXPONENTS) -> Batch:
     return Batch(unit_rows(raw), tuple(labels), tuple(powers))
 
 
+# Norms of 1e-3 to 1e3, far from any overflow: for the properties that are not about norms
+# (the batch order, a non-finite entry).
+ORDINARY_BATCHES = batches(exponents=st.integers(-3, 3))
+
+
 def pinned(directions, labels, exponent) -> Batch:
     directions = np.asarray(directions, dtype=np.float64)
     exponents = [exponent] * len(labels) if isinstance(exponent, int) else exponent
@@ -325,7 +330,7 @@ SWAP_LAST_TWO = [*range(10), 11, 10, *range(12, 16)]
 
 
 @pytest.mark.parametrize("case", CASE_PARAMS)
-@given(batch=batches(exponents=st.integers(-3, 3)), shuffle=st.permutations(range(16)))
+@given(batch=ORDINARY_BATCHES, shuffle=st.permutations(range(16)))
 @example(batch=IDENTICAL, shuffle=list(range(16))[::-1])
 @example(batch=TIES, shuffle=SWAP_LAST_TWO)
 def test_loss_does_not_depend_on_the_order_of_the_batch(case, batch, shuffle):
@@ -466,7 +471,7 @@ def test_normalizing_losses_do_not_depend_on_the_norms_of_the_embeddings(case, b
 
 @pytest.mark.parametrize("case", CASE_PARAMS)
 @given(
-    batch=batches(exponents=st.integers(-3, 3)),
+    batch=ORDINARY_BATCHES,
     bad=st.sampled_from([math.nan, math.inf, -math.inf]),
     whole_row=st.booleans(),
     position=st.tuples(st.integers(0, 15), st.integers(0, MAX_DIM - 1)),

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from utils_cv.similarity import losses
-from utils_cv.similarity.losses import SoftmaxLoss
+from utils_cv.similarity.losses import NormSoftmaxLoss, ProxyNCALoss, SoftmaxLoss
 
 
 def test_softmax_loss_matches_cross_entropy_of_its_linear_layer():
@@ -67,6 +67,25 @@ def test_softmax_loss_refuses_labels_out_of_range(bad_label):
 def test_softmax_loss_refuses_embeddings_of_the_wrong_size():
     with pytest.raises(ValueError, match=r"\(N, 4\)"):
         SoftmaxLoss(embedding_size=4, num_classes=3)(torch.randn(2, 5), torch.tensor([0, 1]))
+
+
+@pytest.mark.parametrize("loss_class", [NormSoftmaxLoss, ProxyNCALoss])
+@pytest.mark.parametrize("norm", [1e-10, 1e20, 3e38])
+def test_normalizing_losses_do_not_depend_on_the_norms_of_the_embeddings(loss_class, norm):
+    """The squared norm of a float32 row of norm 1e20 overflows, and F.normalize returned 0
+    for it: the loss was that of zero embeddings (log C), not of their directions."""
+    num_classes, dim = 5, 4
+    torch.manual_seed(0)
+    loss = loss_class(num_classes, dim)
+    generator = torch.Generator().manual_seed(0)
+    labels = (torch.arange(12) % num_classes)[torch.randperm(12, generator=generator)]
+    embeddings = torch.randn(12, dim, generator=generator, dtype=torch.float64)
+    unit = F.normalize(embeddings.float(), dim=1)
+    x = (unit * norm).requires_grad_()
+    value = loss(x, labels)
+    value.backward()
+    assert value.item() == pytest.approx(loss(unit, labels).item(), rel=1e-6)
+    assert torch.isfinite(x.grad).all()
 
 
 LOSS_FILES = sorted(p for p in Path(losses.__file__).parent.glob("*.py") if p.name != "__init__.py")
