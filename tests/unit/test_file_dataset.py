@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -136,6 +137,26 @@ def test_evaluation_batches_equal_the_images_file_list_load_keeps(tmp_path):
         assert images.dtype == torch.float32
         assert torch.equal(images, loaded.images.float() / 255)  # exactly, not within a bound
         assert torch.equal(torch.cat([labels for _, labels in batches]), files.labels)
+
+
+def test_crop_pct_resizes_to_image_size_over_it_and_keeps_the_centre(tmp_path):
+    """The papers' evaluation geometry, 256 -> 224 (crop_pct 0.875): a 256 x 320 photo is
+    not resized (its shorter side is already 224 / 0.875) and its centre 224 x 224 is kept;
+    the loader gives the same pixels, and subsets and splits keep the setting."""
+    photo = torch.from_numpy(pattern(3, 2, 320)[:256]).permute(2, 0, 1)  # (3, 256, 320)
+    path = tmp_path / "photo.png"
+    Image.fromarray(photo.permute(1, 2, 0).numpy()).save(path)
+    files = replace(file_list([path]), crop_pct=0.875)
+    loaded = files.load(224).images[0]
+    assert torch.equal(loaded, photo[:, 16:240, 48:272])
+    (batch, _), *_ = list(FileDataLoader(files, 224, num_workers=0))
+    assert torch.equal(batch[0], loaded.float() / 255)
+    assert files.split("train").crop_pct == files.relabel().crop_pct == 0.875
+    # the default keeps the whole shorter side: resized to 224, nothing cut from it
+    assert file_list([path]).load(224).images.shape == (1, 3, 224, 224)
+    for bad in (0, 1.2, -0.5):
+        with pytest.raises(ValueError, match=f"crop_pct={bad} must be in"):
+            replace(files, crop_pct=bad)
 
 
 def test_seeded_batches_and_crops_repeat_with_0_and_2_workers(tmp_path):

@@ -12,8 +12,8 @@ a time:
   every other file (PNG, GIF, WebP, BMP, TIFF, CMYK JPEG, ...) goes through Pillow and
   ``to_rgb``, which composites transparency onto the background and scales 16-bit images.
 - ``FileDataset``: one image at ``image_size`` per item. For evaluation, the geometry of
-  ``FileList.load`` (shorter side resized to ``image_size`` with Pillow's Lanczos filter,
-  centre crop), so a FileList embeds exactly as the same files loaded in memory do. For
+  ``FileList.load`` (shorter side resized to ``image_size / files.crop_pct`` with Pillow's
+  Lanczos filter, centre crop of ``image_size``), so a FileList embeds exactly as the same files loaded in memory do. For
   training, the papers' augmentations of photos (torchvision.transforms.v2): a random
   resized crop (torchvision's default area 8-100 % and aspect 3/4 to 4/3) and a horizontal
   flip half of the time.
@@ -94,12 +94,12 @@ def _torchvision_jpeg(path: str | os.PathLike, image: Image.Image) -> torch.Tens
     return pixels
 
 
-def square_crop(pixels: torch.Tensor, image_size: int) -> torch.Tensor:
+def square_crop(pixels: torch.Tensor, image_size: int, crop_pct: float = 1.0) -> torch.Tensor:
     """(3, image_size, image_size) uint8: ``pixels`` (3, H, W) uint8 RGB with the shorter
-    side resized to ``image_size`` and the centre cropped, by ``FileList.load``'s own
-    function (Pillow's Lanczos filter), so the result equals the in-memory one exactly."""
+    side resized to ``image_size / crop_pct`` and the centre cropped, by ``FileList.load``'s
+    own function (Pillow's Lanczos filter), so the result equals the in-memory one exactly."""
     image = Image.fromarray(pixels.permute(1, 2, 0).numpy())
-    array = np.array(_resize_square(image, image_size))
+    array = np.array(_resize_square(image, image_size, crop_pct=crop_pct))
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
@@ -132,6 +132,7 @@ class FileDataset(Dataset):
         self.paths = list(files.paths)
         self.labels = files.labels.tolist()
         self.image_size = image_size
+        self.crop_pct = files.crop_pct
         self.background = background
         self.transform = photo_augmentation(image_size) if augment else None
 
@@ -142,7 +143,7 @@ class FileDataset(Dataset):
         index, seed = item if isinstance(item, tuple) else (item, None)
         pixels = decode_rgb(self.paths[index], self.background)
         if self.transform is None:
-            return square_crop(pixels, self.image_size), self.labels[index]
+            return square_crop(pixels, self.image_size, self.crop_pct), self.labels[index]
         if seed is None:
             return self.transform(pixels).contiguous(), self.labels[index]
         with torch.random.fork_rng(devices=[]):

@@ -337,14 +337,19 @@ def to_rgb(image: Image.Image, background: tuple[int, int, int] = WHITE) -> Imag
 
 
 def _resize_square(
-    image: Image.Image, image_size: int, background: tuple[int, int, int] = WHITE
+    image: Image.Image,
+    image_size: int,
+    background: tuple[int, int, int] = WHITE,
+    crop_pct: float = 1.0,
 ) -> Image.Image:
-    """RGB (see ``to_rgb``), shorter side resized to image_size (antialiased), centre crop."""
+    """RGB (see ``to_rgb``), shorter side resized to image_size / crop_pct (antialiased),
+    centre crop of image_size (crop_pct 0.875: the papers' 256 -> 224)."""
     image = to_rgb(image, background)
-    scale = image_size / min(image.size)
+    resize = round(image_size / crop_pct)
+    scale = resize / min(image.size)
     size = (
-        max(image_size, round(image.width * scale)),
-        max(image_size, round(image.height * scale)),
+        max(resize, round(image.width * scale)),
+        max(resize, round(image.height * scale)),
     )
     if size != image.size:
         image = image.resize(size, Image.Resampling.LANCZOS)

@@ -52,6 +52,10 @@ class FileList(PerImageFields):
     domains: (N,) per image, e.g. In-Shop's "query" and "gallery"; "" where not meaningful.
     super_classes: (N,) per image (Stanford Online Products' categories, e.g.
     "bicycle_final"), or None.
+    crop_pct: how an image is made square for evaluation (``load`` and a loader without
+    augmentation): the shorter side resized to image_size / crop_pct, then the centre
+    image_size cropped. 1.0 keeps the whole shorter side; 0.875 is the papers' and
+    torchvision's 256 -> 224 (timm's ``crop_pct``).
     """
 
     root: Path
@@ -61,6 +65,7 @@ class FileList(PerImageFields):
     splits: list[str]
     domains: list[str]
     super_classes: list[str] | None = None
+    crop_pct: float = 1.0
 
     _per_image: ClassVar[tuple[str, ...]] = (
         "paths",
@@ -73,6 +78,11 @@ class FileList(PerImageFields):
     def __post_init__(self) -> None:
         self.root = Path(self.root)
         self._check_per_image()
+        if not 0 < self.crop_pct <= 1:
+            raise ValueError(
+                f"crop_pct={self.crop_pct} must be in (0, 1]: the share of the resized "
+                "shorter side kept by the centre crop (0.875 for 256 -> 224)"
+            )
         relative = [p for p in self.paths if not os.path.isabs(p)]
         if relative:
             raise ValueError(
@@ -89,7 +99,7 @@ class FileList(PerImageFields):
     def load(self, image_size: int, background: tuple[int, int, int] = WHITE) -> ImageData:
         """Every file decoded as ``load_image_folder`` decodes images: RGB as ``to_rgb`` says
         (EXIF orientation, transparency onto ``background``), shorter side resized to
-        ``image_size``, centre cropped. Labels, class names, splits, domains and paths are
+        ``image_size / crop_pct``, the centre ``image_size`` cropped. Labels, class names, splits, domains and paths are
         kept (super-classes are not: ImageData has no field for them).
 
         Raises ValueError naming the first file that cannot be decoded; a benchmark's files
@@ -99,7 +109,7 @@ class FileList(PerImageFields):
         for path in self.paths:
             try:
                 with Image.open(path) as image:
-                    images.append(_resize_square(image, image_size, background))
+                    images.append(_resize_square(image, image_size, background, self.crop_pct))
             except (
                 UnidentifiedImageError,
                 OSError,
