@@ -13,7 +13,16 @@ import torch
 from tests.image_folders import pattern
 from utils_cv.similarity import compare
 from utils_cv.similarity.datasets import write_cub_layout, write_inshop_layout
-from utils_cv.similarity.paper import DATASETS, FIELDS, PAPER_RECIPES, main, recipe, train_recipe
+from utils_cv.similarity.paper import (
+    DATASETS,
+    FIELDS,
+    PAPER_RECIPES,
+    main,
+    recipe,
+    scaled_schedule,
+    train_recipe,
+)
+from utils_cv.similarity.runner import lr_schedule
 
 # Recall@1 in percent as METHODS.md states it, written here once on purpose:
 # a typo in the recipes or here fails the test.
@@ -78,6 +87,23 @@ def test_every_recipe_is_complete_and_states_the_papers_numbers():
     assert (ranking["batch_size"], ranking["samples_per_class"]["cub"]) == (32, 4)
     assert (ranking["embedding_size"], ranking["margin"]) == (256, 0.2)
     assert PAPER_RECIPES["ee_batch_hard"]["n_points"] == 2
+    # The schedules METHODS.md states, and each valid for its recipe's loss phase.
+    assert PAPER_RECIPES["norm_softmax_512"]["lr_schedule"] == {
+        "name": "step", "milestones": [15], "gamma": 0.1}  # fmt: skip
+    assert proxy["lr_schedule"] == {"name": "exponential", "gamma": 0.94}
+    assert ranking["lr_schedule"] == "linear"
+    for spec in PAPER_RECIPES.values():
+        lr_schedule(spec["lr_schedule"], spec["epochs"] - spec.get("frozen_epochs", 0))
+        assert (spec["train_crop"], spec["eval_resize"]) in ((224, 256), (227, 256))
+
+
+def test_a_shorter_run_moves_the_milestones_to_the_same_share_of_its_epochs():
+    step = {"name": "step", "milestones": [15], "gamma": 0.1}
+    assert scaled_schedule(step, 30, 30) is step
+    assert scaled_schedule(step, 30, 10) == {"name": "step", "milestones": [5], "gamma": 0.1}
+    assert scaled_schedule(step, 30, 1) == "constant"  # no epoch left after the milestone
+    assert scaled_schedule({"name": "step", "milestones": [10, 20]}, 30, 4)["milestones"] == [1, 3]
+    assert scaled_schedule("linear", 40, 2) == "linear"
 
 
 def test_unknown_recipe_or_dataset_names_the_choices(tmp_path, capsys):
@@ -102,7 +128,7 @@ def test_cub_run_writes_a_checksummed_record_and_the_comparison(tmp_path):
     )
     out = tmp_path / "paper"
     argv = ["--recipe", "norm_softmax_512", "--dataset", "cub", "--root", str(root),
-            "--out", str(out), "--epochs", "2", "--samples-per-class", "4", *OVERRIDES]  # fmt: skip
+            "--out", str(out), "--epochs", "3", "--samples-per-class", "4", *OVERRIDES]  # fmt: skip
     assert run(argv) == 0
     path = compare.result_path(out, "norm_softmax_512", "cub", "norm_softmax", 0)
     record = compare.read_record(path)  # compare.py's own checksum check
@@ -112,6 +138,9 @@ def test_cub_run_writes_a_checksummed_record_and_the_comparison(tmp_path):
         "all",
     )
     assert record["batches"] == "4 classes x 4 images"
+    # 1 frozen + 2 epochs where the paper has 1 + 30: the milestone moves to 15 x 2 / 30 = 1
+    assert record["lr_schedule"] == {"name": "step", "milestones": [1], "gamma": 0.1}
+    assert record["crop_pct"] == 224 / 256
     assert record["protocol"]["backbone"] == "small_cnn" and record["protocol"]["weights"] is None
     assert record["data"]["images"] == CLASSES * PER_CLASS
     assert record["metrics"]["num_queries"] == 16  # the 4 test classes' images
@@ -140,4 +169,5 @@ def test_inshop_run_searches_the_queries_in_the_gallery(tmp_path):
     # 4 test items of 4 images: 2 queries each, searched among the 2 gallery images each.
     assert record["metrics"]["num_queries"] == 8
     assert record["batches"] == "random 16"
+    assert record["lr_schedule"] == {"name": "exponential", "gamma": 0.94}
     assert json.loads((out / "comparison.json").read_text())[0]["paper_recall@1"] is None

@@ -5,10 +5,12 @@
 
 ``PAPER_RECIPES`` holds each paper's setup as METHODS.md gives it: backbone,
 weights, image size, embedding size, batches, optimizer, schedule, epochs, and the paper's
-Recall@1 per dataset (in percent, only the numbers METHODS.md states, with their table). Where
-this package cannot do what the paper did (a backbone torchvision lacks, a step schedule where
-``train_run`` has one-cycle) the recipe says so in ``differs``; ``unstated`` names the values
-METHODS.md does not give, which are this package's choices.
+Recall@1 per dataset (in percent, only the numbers METHODS.md states, with their table). The
+learning rate follows the paper's schedule (``lr_schedule``, run by ``train_run(schedule=)``),
+and evaluation images are resized to ``eval_resize`` and centre cropped to ``train_crop``
+(``FileList.crop_pct``). Where this package cannot do what the paper did (a backbone
+torchvision lacks) the recipe says so in ``differs``; ``unstated`` names the values METHODS.md
+does not give, which are this package's choices.
 
 The model and the loss come from notebook 07's ``compare.method_recipe``; the data from the
 benchmark's loader, as a ``FileList`` decoded batch by batch (``train_run`` with
@@ -27,7 +29,8 @@ import argparse
 import hashlib
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -57,11 +60,6 @@ KS = {"cub": (1, 2, 4, 8), "cars196": (1, 2, 4, 8), "sop": (1, 10, 100, 1000),
 WEIGHTS = {"small_cnn": None, "resnet18": "IMAGENET1K_V1", "resnet50": "IMAGENET1K_V1",
            "efficientnet_lite0": "imagenet"}  # fmt: skip
 SGD = {"name": "SGD", "momentum": 0.9, "weight_decay": 1e-4}
-# What this package cannot do as the papers did, for every recipe.
-ONE_CYCLE = ("schedule: train_run's one-cycle (the momentum cycles 0.95-0.85-0.95) in place of "
-             "the paper's")  # fmt: skip
-EVAL_SIZE = ("evaluation: shorter side resized to image_size and centre cropped, where the "
-             "papers resize to eval_resize first")  # fmt: skip
 _NORM_SOFTMAX = {
     "method": "norm_softmax",
     "paper_backbone": "ResNet-50",
@@ -76,6 +74,7 @@ _NORM_SOFTMAX = {
     "optimizer": SGD,
     "lr": {"cub": 0.001, "cars196": 0.01, "sop": 0.01, "inshop": 0.01},
     "schedule": "1 warm-up epoch on the new parameters only, then 30 epochs, lr x 0.1 at 15",
+    "lr_schedule": {"name": "step", "milestones": [15], "gamma": 0.1},
     "frozen_epochs": 1,
     "epochs": 31,
     "unstated": ["train_crop", "eval_resize", "samples_per_class (inshop)"],
@@ -87,7 +86,7 @@ PAPER_RECIPES: dict[str, dict[str, Any]] = {
         "embedding_size": 512,
         "paper": {"cub": 61.3, "cars196": 84.2},
         "source": "the paper's table at 512-d (ResNet-50)",
-        "differs": [ONE_CYCLE, EVAL_SIZE],
+        "differs": [],
     },
     "norm_softmax_2048": _NORM_SOFTMAX
     | {
@@ -96,7 +95,7 @@ PAPER_RECIPES: dict[str, dict[str, Any]] = {
         "paper": {"cub": 65.4, "cars196": 89.5, "sop": 79.6, "inshop": 89.4},
         "paper_binary": {"cub": 63.7, "cars196": 89.3, "sop": 78.0, "inshop": 88.8},
         "source": "the reference repository's reproductions (ResNet-50, 2048-d, float / binary)",
-        "differs": [ONE_CYCLE, EVAL_SIZE],
+        "differs": [],
     },
     "proxy_nca": {
         "title": "ProxyNCA (Movshovitz-Attias et al., 2017), 64-d",
@@ -115,14 +114,13 @@ PAPER_RECIPES: dict[str, dict[str, Any]] = {
         "lr": {"cub": 0.045, "cars196": 0.045, "sop": 0.045, "inshop": 0.045},
         "proxy_lr_multiplier": {"cub": 1.0, "cars196": 1.0, "sop": 10.0, "inshop": 10.0},
         "schedule": "lr x 0.94 every epoch (dichotomies/proxy-nca's ExponentialLR)",
+        "lr_schedule": {"name": "exponential", "gamma": 0.94},
         "epochs": 20,
         "paper": {"cub": 49.2, "cars196": 73.2, "sop": 73.7},
         "source": "the ProxyNCA paper's table (BN-Inception, 64-d)",
         "differs": [
             "backbone: torchvision has no BN-Inception; ResNet-50, the closest in ImageNet "
             "accuracy this package offers (larger: 25M parameters against about 11M)",
-            ONE_CYCLE,
-            EVAL_SIZE,
             "loss: the softmax form (positive proxy in the denominator), as "
             "dichotomies/proxy-nca and ProxyNCA++; the paper's excludes it",
         ],
@@ -151,6 +149,7 @@ PAPER_RECIPES: dict[str, dict[str, Any]] = {
         "optimizer": SGD,
         "lr": {"cub": 0.001, "cars196": 0.001, "sop": 0.001, "inshop": 0.001},
         "schedule": "not in METHODS.md",
+        "lr_schedule": "one_cycle",
         "epochs": 40,
         "paper": {"cub": 51.7, "cars196": 71.6},
         "source": "the EE paper's table (GoogLeNet, 512-d, batch-hard 'HPHN' + EE)",
@@ -158,8 +157,6 @@ PAPER_RECIPES: dict[str, dict[str, Any]] = {
             "backbone: GoogLeNet is not among this package's backbones; ResNet-18, of about "
             "the same ImageNet accuracy (torchvision's googlenet has BatchNorm, unlike the "
             "paper's)",
-            ONE_CYCLE,
-            EVAL_SIZE,
         ],
         "unstated": [
             "train_crop",
@@ -188,14 +185,15 @@ PAPER_RECIPES: dict[str, dict[str, Any]] = {
         "optimizer": {"name": "SGD", "momentum": 0.9, "weight_decay": 1e-4},
         "lr": {"cub": 0.01, "cars196": 0.01, "sop": 0.01, "inshop": 0.01},
         "schedule": "lr decays linearly to 0 over 40k iterations",
+        "lr_schedule": "linear",
         "epochs": 40,
         "paper": {},
         "source": "the paper reports classification top-1 (Cars 85.9 -> 89.4), not Recall@1",
         "differs": [
             "backbone: torchvision's ResNet-50 is v1; the second head reads the map after the "
             "last ReLU, not before the final BatchNorm + ReLU (models.TwoHeadNet)",
-            ONE_CYCLE,
-            EVAL_SIZE,
+            "schedule: linear to 0 over this recipe's 40 epochs, the paper's over 40k "
+            "iterations (about 160 epochs of Cars196's 8,054 training images at batch 32)",
             "evaluation: retrieval on unseen classes, where the paper classifies seen ones",
         ],
         "unstated": ["train_crop", "eval_resize", "optimizer (weight_decay)", "epochs"],
@@ -204,7 +202,8 @@ PAPER_RECIPES: dict[str, dict[str, Any]] = {
 # The fields every recipe has (tests/unit/test_paper.py checks them).
 FIELDS = ("title", "method", "paper_backbone", "backbone", "weights", "train_crop",
           "eval_resize", "embedding_size", "batch_size", "samples_per_class", "optimizer", "lr",
-          "schedule", "epochs", "paper", "source", "differs", "unstated")  # fmt: skip
+          "schedule", "lr_schedule", "epochs", "paper", "source", "differs",
+          "unstated")  # fmt: skip
 
 
 def recipe(name: str) -> dict[str, Any]:
@@ -217,6 +216,20 @@ def recipe(name: str) -> dict[str, Any]:
 def per_dataset(value: Any, dataset: str) -> Any:
     """A recipe value for ``dataset``: its entry when the value is a dict per dataset."""
     return value[dataset] if isinstance(value, dict) and dataset in value else value
+
+
+def scaled_schedule(
+    schedule: str | Mapping[str, Any], paper_epochs: int, epochs: int
+) -> str | dict[str, Any]:
+    """A recipe's ``lr_schedule`` for a loss phase of ``epochs`` epochs where the paper's has
+    ``paper_epochs`` (a quick run with fewer): step milestones at the same share of the phase,
+    rounded; those that fall on its first epoch or beyond its end are left out, and a step
+    schedule left with none is "constant". Other schedules scale by themselves."""
+    if isinstance(schedule, str) or schedule.get("name") != "step" or epochs == paper_epochs:
+        return schedule
+    milestones = sorted({round(m * epochs / paper_epochs) for m in schedule["milestones"]})
+    milestones = [m for m in milestones if 0 < m < epochs]
+    return dict(schedule, milestones=milestones) if milestones else "constant"
 
 
 def file_fingerprint(files: FileList) -> str:
@@ -288,6 +301,7 @@ def train_recipe(
         raise ValueError(f"batch_size={batch} holds no class of samples_per_class={S}; raise it")
 
     files = LOADERS[dataset](root, val_fraction=val_fraction)
+    files = replace(files, crop_pct=spec["train_crop"] / spec["eval_resize"])
     train, val, test = (files.split(s) for s in ("train", "val", "test"))
     D = spec["embedding_size"]
     config = {
@@ -314,6 +328,8 @@ def train_recipe(
     from utils_cv.similarity.runner import train_run  # the runner imports fastai: only here
     from utils_cv.similarity.training import embed_data, torch_optimizer
 
+    frozen = built.get("frozen_epochs", 0)
+    schedule = scaled_schedule(spec["lr_schedule"], spec["epochs"] - frozen, epochs - frozen)
     run = train_run(
         built["model"],
         built["loss"],
@@ -323,7 +339,8 @@ def train_recipe(
         batch_size=batch,
         classes_per_batch=P,
         samples_per_class=S,
-        frozen_epochs=built.get("frozen_epochs", 0),
+        frozen_epochs=frozen,
+        schedule=schedule,
         opt_func=torch_optimizer(opt_class, **optimizer),
         image_size=size,
         num_workers=num_workers,
@@ -336,7 +353,8 @@ def train_recipe(
                                  spec.get("ee_base"), file_fingerprint(files))  # fmt: skip
     balanced = f"{P} classes x {S} images" if S is not None else f"random {batch}"
     record |= {"recipe": name, "dataset": dataset, "overrides": overrides,
-               "batches": balanced, "evaluation": searched}  # fmt: skip
+               "batches": balanced, "evaluation": searched, "lr_schedule": schedule,
+               "crop_pct": files.crop_pct}  # fmt: skip
     if "binary_metrics" in record:  # make_record searches all test images; In-Shop: query->gallery
         binary, _ = evaluate(binarize(run.embeddings), test, ks, metric="hamming")
         record["binary_metrics"] = rounded(binary, 5)
