@@ -93,7 +93,7 @@ run: data
 	  echo "== $$name (PRESET=$(PRESET))"; mkdir -p $(OUTPUTS)/$$name; \
 	  start=$$(date +%s); \
 	  $(BIN)/papermill --cwd notebooks $$nb $(OUTPUTS)/$$name/$$name.ipynb \
-	    -p PRESET $(PRESET) -p OUTPUT_DIR $(CURDIR)/$(OUTPUTS)/$$name \
+	    -p PRESET $(PRESET) -p OUTPUT_DIR $(abspath $(OUTPUTS))/$$name \
 	    || { $(BIN)/python -m utils_cv.common.summary $(OUTPUTS) >/dev/null; exit 1; }; \
 	  seconds=$$(( $$(date +%s) - start )); echo $$seconds > $(OUTPUTS)/$$name/wall_seconds; \
 	  echo "== $$name took $$seconds s"; \

@@ -205,6 +205,7 @@ EXPECTED_KEYS = {
         "upload/first_label",
         "layouts/cub/test",
         "benchmarks/cub/recall@1",
+        "benchmarks/cars196/recall@1",
         "benchmarks/inshop/recall@1",
         "summary/fine-tuned recall@1",
     ],
@@ -269,7 +270,11 @@ def assert_your_own_data(metrics: dict) -> None:
     for name, layout in layouts.items():
         assert layout["train"] + layout["val"] + layout["test"] == layout["images"], name
         assert layout["test"] > 0 and layout["train"] > 0, name
-    assert layouts["cub"]["test"] == layouts["sop"]["test"] == layouts["inshop"]["test"]
+    assert set(layouts) == {"cub", "cars196", "sop", "inshop"}
+    assert len({layout["test"] for layout in layouts.values()}) == 1, layouts
+    # CUB, Cars196 and SOP hold the same images in the same split: three parsers agree
+    same = {name: metrics["benchmarks"][name]["map@r"] for name in ("cub", "cars196", "sop")}
+    assert len(set(same.values())) == 1, same
     inshop = metrics["benchmarks"]["inshop"]
     assert inshop["evaluation"] == "query->gallery"
     assert 0 < inshop["num_queries"] < layouts["inshop"]["test"]
