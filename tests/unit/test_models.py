@@ -14,6 +14,7 @@ from torchvision.models import ResNet18_Weights
 from utils_cv.common.device import set_seed
 from utils_cv.similarity.models import (
     IMAGENET_MEAN,
+    IMAGENET_STD,
     EmbeddingNet,
     create_backbone,
     embed,
@@ -23,8 +24,9 @@ from utils_cv.similarity.models import (
 
 @pytest.mark.parametrize(
     ("name", "size", "channels", "map_size"),
-    [("small_cnn", 40, 256, 5), ("resnet18", 32, 512, 1), ("resnet50", 32, 2048, 1)],
-)
+    [("small_cnn", 40, 256, 5), ("resnet18", 32, 512, 1), ("resnet50", 32, 2048, 1),
+     ("googlenet", 32, 1024, 1), ("googlenet", 224, 1024, 7)],
+)  # fmt: skip
 def test_backbone_maps_images_to_a_feature_map(name, size, channels, map_size):
     backbone, reported = create_backbone(name)
     backbone.eval()
@@ -39,6 +41,38 @@ def test_resnet_backbone_drops_pooling_and_classifier():
     kinds = {type(module) for module in backbone.modules()}
     assert nn.AdaptiveAvgPool2d not in kinds
     assert nn.Linear not in kinds
+
+
+def test_googlenet_computes_what_torchvision_computes_from_imagenet_normalized_images():
+    """Our GoogLeNet (inputs scaled to [-1, 1] by INPUT_MEAN_STD, no transform_input, no
+    auxiliary heads) gives torchvision's logits: its pretrained form takes ImageNet-normalized
+    images and turns them into [-1, 1] itself (transform_input), which a Sequential skips."""
+    set_seed(0)
+    source = torchvision.models.googlenet(
+        weights=None, aux_logits=False, transform_input=True, init_weights=True
+    ).eval()
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
+    # BatchNorm statistics of real activations: at torchvision's initialization (and unit
+    # running statistics) they shrink to 1e-12 by the last block, and any input compares equal.
+    for module in source.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.momentum = None  # a plain average over the batches seen
+    with torch.no_grad():
+        source.train()((torch.rand(16, 3, 64, 64) - mean) / std)
+    source.eval()
+    model = EmbeddingNet("googlenet", embedding_size=None, normalize=False).eval()
+    model.backbone.load_state_dict(
+        {k: v for k, v in source.state_dict().items() if not k.startswith("fc.")}
+    )
+    images = torch.rand(2, 3, 64, 64)
+    pooled = []
+    source.avgpool.register_forward_hook(lambda module, inputs, output: pooled.append(output))
+    with torch.no_grad():
+        logits = source((images - mean) / std)
+        ours = model(images)
+    assert ours.abs().mean() > 0.1  # activations of a usual size
+    torch.testing.assert_close(ours, pooled[0].flatten(1), rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(source.fc(ours), logits, rtol=1e-4, atol=1e-3)
 
 
 def test_backbone_errors_name_the_fix():

@@ -13,10 +13,12 @@ import torch
 from tests.image_folders import pattern
 from utils_cv.similarity import compare
 from utils_cv.similarity.datasets import write_cub_layout, write_inshop_layout
+from utils_cv.similarity.models import BACKBONES
 from utils_cv.similarity.paper import (
     DATASETS,
     FIELDS,
     PAPER_RECIPES,
+    WEIGHTS,
     main,
     recipe,
     scaled_schedule,
@@ -67,6 +69,7 @@ def test_every_recipe_is_complete_and_states_the_papers_numbers():
         S = spec["samples_per_class"]
         assert S is None or set(S) == set(DATASETS), name
         assert spec["method"] in compare.METHODS
+        assert spec["backbone"] in BACKBONES and spec["weights"] == WEIGHTS[spec["backbone"]]
         if spec["backbone"] != spec["paper_backbone"].lower().replace("-", ""):
             assert spec["differs"][0].startswith("backbone:"), name
     assert PAPER_RECIPES["norm_softmax_2048"]["paper_binary"] == NORM_SOFTMAX_BINARY
@@ -87,6 +90,8 @@ def test_every_recipe_is_complete_and_states_the_papers_numbers():
     assert (ranking["batch_size"], ranking["samples_per_class"]["cub"]) == (32, 4)
     assert (ranking["embedding_size"], ranking["margin"]) == (256, 0.2)
     assert PAPER_RECIPES["ee_batch_hard"]["n_points"] == 2
+    # torchvision's closest to GoogLeNet and BN-Inception (issue 28)
+    assert PAPER_RECIPES["ee_batch_hard"]["backbone"] == proxy["backbone"] == "googlenet"
     # The schedules METHODS.md states, and each valid for its recipe's loss phase.
     assert PAPER_RECIPES["norm_softmax_512"]["lr_schedule"] == {
         "name": "step", "milestones": [15], "gamma": 0.1}  # fmt: skip

@@ -140,7 +140,8 @@ def test_unknown_weights_name_for_efficientnet_lists_the_choices():
 
 
 @pytest.mark.parametrize(
-    "backbone, n_stages", [("small_cnn", 4), ("resnet18", 5), ("efficientnet_lite0", 9)]
+    "backbone, n_stages",
+    [("small_cnn", 4), ("resnet18", 5), ("googlenet", 4), ("efficientnet_lite0", 9)],
 )
 def test_backbone_stages_hold_every_parameter_once_in_order(backbone, n_stages):
     model = EmbeddingNet(backbone, embedding_size=8)

