@@ -116,7 +116,7 @@ SMOKE_OUTPUTS := $(OUTPUTS)/smoke
 
 test: data lint
 	@rm -rf $(SMOKE_OUTPUTS)
-	UTILS_CV_SMOKE_OUTPUTS=$(CURDIR)/$(SMOKE_OUTPUTS) $(BIN)/python -m pytest
+	UTILS_CV_SMOKE_OUTPUTS=$(abspath $(SMOKE_OUTPUTS)) $(BIN)/python -m pytest
 	$(BIN)/python docs/site/build.py --outputs $(SMOKE_OUTPUTS) --require-outputs
 
 # The docs site, offline, from the notebooks `make run` executed (those not run yet are shown
@@ -145,7 +145,7 @@ compare: data
 
 # One paper's recipe (utils_cv/similarity/paper.py) on a benchmark in its official layout:
 # make paper RECIPE=norm_softmax_512 DATASET=cub ROOT=/data/CUB_200_2011 [OUT=results/paper]
-# (hours on a GPU at the recipe's size; ARGS="--epochs 1 --cpu" and the like for a quick run).
+# (hours on a GPU at the recipe's size; ARGS="--epochs 2 --image-size 64 --cpu" and the like for a quick run).
 RECIPE ?= norm_softmax_512
 DATASET ?= cub
 OUT ?= results/paper

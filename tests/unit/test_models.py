@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
-from torchvision.models import ResNet18_Weights
+from torchvision.models import GoogLeNet_Weights, ResNet18_Weights
 
 from utils_cv.common.device import set_seed
 from utils_cv.similarity.models import (
@@ -199,31 +199,41 @@ def test_embed_rejects_bad_input():
         embed(nn.Identity(), torch.rand(3, 4, 4))
 
 
-def test_weights_that_cannot_be_downloaded_say_where_to_place_the_file(monkeypatch):
+TORCHVISION_WEIGHTS = {"resnet18": ResNet18_Weights.IMAGENET1K_V1,
+                       "googlenet": GoogLeNet_Weights.IMAGENET1K_V1}  # fmt: skip
+
+
+@pytest.mark.parametrize("backbone", list(TORCHVISION_WEIGHTS))
+def test_weights_that_cannot_be_downloaded_say_where_to_place_the_file(backbone, monkeypatch):
     import torchvision.models._api as torchvision_api
 
     def offline(url, *args, **kwargs):
         raise URLError("Name or service not known")
 
     monkeypatch.setattr(torchvision_api, "load_state_dict_from_url", offline)
-    expected = weights_file(ResNet18_Weights.IMAGENET1K_V1)
+    weights = TORCHVISION_WEIGHTS[backbone]
     with pytest.raises(RuntimeError, match="Without a network") as error:
-        EmbeddingNet("resnet18", weights="IMAGENET1K_V1")
-    assert str(expected) in str(error.value) and ResNet18_Weights.IMAGENET1K_V1.url in str(
-        error.value
-    )
+        EmbeddingNet(backbone, weights="IMAGENET1K_V1")
+    assert str(weights_file(weights)) in str(error.value) and weights.url in str(error.value)
 
 
-def test_a_weights_file_placed_where_the_message_says_loads_offline(tmp_path, monkeypatch):
+@pytest.mark.parametrize("backbone", list(TORCHVISION_WEIGHTS))
+def test_a_weights_file_placed_where_the_message_says_loads_offline(
+    backbone, tmp_path, monkeypatch
+):
     monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path))
     set_seed(3)
-    source = torchvision.models.resnet18()
-    path = weights_file(ResNet18_Weights.IMAGENET1K_V1)
+    # GoogLeNet's file holds its auxiliary classifiers too, as torchvision's does
+    options = {"aux_logits": True, "init_weights": True} if backbone == "googlenet" else {}
+    source = getattr(torchvision.models, backbone)(**options)
+    path = weights_file(TORCHVISION_WEIGHTS[backbone])
     assert path.parent == tmp_path / "checkpoints"
     path.parent.mkdir()
     torch.save(source.state_dict(), path)
-    model = EmbeddingNet("resnet18", weights="IMAGENET1K_V1")
-    assert torch.equal(model.backbone[0].weight, source.conv1.weight)
+    model = EmbeddingNet(backbone, weights="IMAGENET1K_V1")
+    first = source.conv1 if backbone == "resnet18" else source.conv1.conv
+    assert torch.equal(next(model.backbone.parameters()), first.weight)
+    assert not any("aux" in name for name in model.state_dict())
 
 
 def test_small_cnn_has_no_weights_and_says_which_backbones_do():

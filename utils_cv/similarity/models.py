@@ -96,9 +96,14 @@ def create_backbone(name: str, weights=None) -> tuple[nn.Module, int]:
     if name in ("resnet18", "resnet50", "googlenet"):
         if weights is not None:
             weights = torchvision.models.get_model_weights(name).verify(weights)
-        # GoogLeNet: no auxiliary classifiers; inputs normalized by INPUT_MEAN_STD instead of
-        # its transform_input (which the Sequential below would skip).
-        options = {"aux_logits": False, "transform_input": False} if name == "googlenet" else {}
+        # GoogLeNet: inputs normalized by INPUT_MEAN_STD instead of its transform_input (which
+        # the Sequential below would skip); no auxiliary classifiers (with weights torchvision
+        # builds them to load the file, then drops them itself, and refuses aux_logits=False).
+        options = {}
+        if name == "googlenet":
+            options = {"transform_input": False}
+            if weights is None:
+                options |= {"aux_logits": False, "init_weights": True}
         try:
             network = getattr(torchvision.models, name)(weights=weights, **options)
         except (OSError, RuntimeError) as error:  # URLError is an OSError; bad hash: Runtime
