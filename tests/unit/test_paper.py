@@ -108,6 +108,15 @@ def test_a_shorter_run_moves_the_milestones_to_the_same_share_of_its_epochs():
     assert scaled_schedule(step, 30, 10) == {"name": "step", "milestones": [5], "gamma": 0.1}
     assert scaled_schedule(step, 30, 1) == "constant"  # no epoch left after the milestone
     assert scaled_schedule({"name": "step", "milestones": [10, 20]}, 30, 4)["milestones"] == [1, 3]
+    assert scaled_schedule(step, 30, 5)["milestones"] == [3]  # 2.5 rounds up, not to even
+    # two milestones on one epoch keep both steps: x 0.01 from epoch 1 of 2
+    assert scaled_schedule({"name": "step", "milestones": [14, 16]}, 30, 2)["milestones"] == [1, 1]
+    assert lr_schedule(scaled_schedule({"name": "step", "milestones": [14, 16]}, 30, 2), 2)(
+        0.5
+    ) == pytest.approx(0.01)
+    # exponential: after the same share of the phase, the paper's factor (0.94^20 after 20 of 20)
+    fast = scaled_schedule({"name": "exponential", "gamma": 0.94}, 20, 4)
+    assert fast["gamma"] ** 4 == pytest.approx(0.94**20)
     assert scaled_schedule("linear", 40, 2) == "linear"
 
 
@@ -174,5 +183,6 @@ def test_inshop_run_searches_the_queries_in_the_gallery(tmp_path):
     # 4 test items of 4 images: 2 queries each, searched among the 2 gallery images each.
     assert record["metrics"]["num_queries"] == 8
     assert record["batches"] == "random 16"
-    assert record["lr_schedule"] == {"name": "exponential", "gamma": 0.94}
+    # 1 epoch where the paper has 20: the whole decay, 0.94^20, in one step (never reached)
+    assert record["lr_schedule"] == {"name": "exponential", "gamma": pytest.approx(0.94**20)}
     assert json.loads((out / "comparison.json").read_text())[0]["paper_recall@1"] is None

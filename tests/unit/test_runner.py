@@ -419,6 +419,7 @@ def test_one_cycle_stays_the_default_and_runs_fit_one_cycle(monkeypatch):
         ({"name": "step"}, "needs milestones"),
         ({"name": "step", "milestones": [0]}, "needs milestones"),
         ({"name": "exponential", "gamma": 0}, "gamma=0.0 must be positive"),
+        ({"name": "exponential"}, "needs gamma, the factor per epoch"),
         ({"name": "linear", "gamma": 0.5}, r"takes no settings, not \['gamma'\]"),
         ({"name": "step", "milestones": [2], "step_size": 2}, "not \\['step_size'\\]"),
     ],
@@ -428,3 +429,29 @@ def test_a_wrong_schedule_fails_before_the_training(schedule, pattern, monkeypat
     with pytest.raises(ValueError, match=pattern):
         train_run(small_model, triplet, stripes(0), epochs=4, lr=1e-2, schedule=schedule,
                   classes_per_batch=4, samples_per_class=3, device="cpu")  # fmt: skip
+
+
+def test_after_a_one_cycle_warmup_a_paper_schedule_trains_at_the_optimizers_momentum(monkeypatch):
+    """fit_one_cycle leaves momentum near 0.95; the step schedule after it is back at SGD's 0.9,
+    and a plain list of rates works as an array does."""
+    seen = []
+
+    class Moms(Callback):
+        def after_batch(self):
+            if self.training:
+                seen.append([h["mom"] for h in self.opt.hypers])
+
+    fit = Learner.fit
+    monkeypatch.setattr(
+        Learner, "fit", lambda self, *a, cbs=None, **k: fit(self, *a, cbs=L(cbs) + [Moms()], **k)
+    )
+    run = train_run(
+        small_model, triplet, stripes(0), epochs=3, lr=[1e-2, 1e-2], warmup_epochs=1,
+        warmup_loss=lambda: TripletLoss(0.2, mining="batch_all"), classes_per_batch=4,
+        samples_per_class=3, schedule={"name": "step", "milestones": [1]}, device="cpu",
+        opt_func=training.torch_optimizer(torch.optim.SGD, momentum=0.9),
+    )  # fmt: skip
+    batches = len(run.learn.dls.train)
+    warmup, main = seen[:batches], seen[batches:]
+    assert len(main) == 2 * batches and warmup[-1][0] > 0.92  # one-cycle rising back
+    assert {m for moms in main for m in moms} == {0.9}

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import math
 import os
 import sys
 from collections.abc import Mapping, Sequence
@@ -223,13 +224,20 @@ def scaled_schedule(
     schedule: str | Mapping[str, Any], paper_epochs: int, epochs: int
 ) -> str | dict[str, Any]:
     """A recipe's ``lr_schedule`` for a loss phase of ``epochs`` epochs where the paper's has
-    ``paper_epochs`` (a quick run with fewer): step milestones at the same share of the phase,
-    rounded; those that fall on its first epoch or beyond its end are left out, and a step
-    schedule left with none is "constant". Other schedules scale by themselves."""
-    if isinstance(schedule, str) or schedule.get("name") != "step" or epochs == paper_epochs:
+    ``paper_epochs`` (a quick run with other epochs), so that the rate at the same share of
+    the phase is the paper's: step milestones moved to the same share (rounded half up; two
+    may fall on one epoch, which then multiplies by gamma twice), those on its first epoch or
+    beyond its end left out, and a step schedule left with none "constant"; an exponential
+    gamma raised to ``paper_epochs / epochs``. One-cycle, linear and constant scale by
+    themselves."""
+    if isinstance(schedule, str) or epochs == paper_epochs:
         return schedule
-    milestones = sorted({round(m * epochs / paper_epochs) for m in schedule["milestones"]})
-    milestones = [m for m in milestones if 0 < m < epochs]
+    if schedule.get("name") == "exponential":
+        return dict(schedule, gamma=schedule["gamma"] ** (paper_epochs / epochs))
+    if schedule.get("name") != "step":
+        return schedule
+    moved = sorted(math.floor(m * epochs / paper_epochs + 0.5) for m in schedule["milestones"])
+    milestones = [m for m in moved if 0 < m < epochs]
     return dict(schedule, milestones=milestones) if milestones else "constant"
 
 

@@ -271,8 +271,14 @@ def train_run(
                     parameter.requires_grad_(True)
         if warmup_epochs:
             _switch_loss(learn, warmup_loss)
+            if learn.opt is None:
+                learn.create_opt()
+            moms = [hypers.get("mom") for hypers in learn.opt.hypers]
             learn.fit_one_cycle(warmup_epochs, warmup_lr)
             _switch_loss(learn, loss)
+            if lr_schedule(schedule, main_epochs) is not None and None not in moms:
+                # one-cycle ends at momentum 0.95; a paper's schedule keeps the optimizer's own
+                learn.opt.set_hyper("mom", moms)
         fit_scheduled(learn, main_epochs, lr, schedule)
     seconds = time.perf_counter() - start
 
@@ -417,6 +423,8 @@ def lr_schedule(schedule: str | Mapping[str, Any], epochs: int) -> Callable[[flo
         raise ValueError(
             f"schedule {name!r} takes {list(SCHEDULES[name]) or 'no settings'}, not {extra}"
         )
+    if name == "exponential" and "gamma" not in spec:
+        raise ValueError("schedule 'exponential' needs gamma, the factor per epoch (e.g. 0.94)")
     gamma = float(spec.get("gamma", 0.1))
     if not gamma > 0:
         raise ValueError(f"schedule {name!r}: gamma={gamma} must be positive")
@@ -455,7 +463,8 @@ def fit_scheduled(
     if factor is None:
         learn.fit_one_cycle(epochs, lr)
         return
-    learn.fit(epochs, lr, cbs=ParamScheduler({"lr": lambda pos: lr * factor(pos)}))
+    peak = lr if isinstance(lr, int | float) else np.asarray(lr, dtype=float)
+    learn.fit(epochs, peak, cbs=ParamScheduler({"lr": lambda pos: peak * factor(pos)}))
 
 
 def _rates(lr: float | Sequence[float]) -> float | np.ndarray:
