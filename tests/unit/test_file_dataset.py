@@ -152,8 +152,10 @@ def test_crop_pct_resizes_to_image_size_over_it_and_keeps_the_centre(tmp_path):
     (batch, _), *_ = list(FileDataLoader(files, 224, num_workers=0))
     assert torch.equal(batch[0], loaded.float() / 255)
     assert files.split("train").crop_pct == files.relabel().crop_pct == 0.875
-    # the default keeps the whole shorter side: resized to 224, nothing cut from it
-    assert file_list([path]).load(224).images.shape == (1, 3, 224, 224)
+    # the default keeps the whole shorter side: 256 x 320 resized to 224 x 280, centre crop
+    whole = Image.open(path).resize((280, 224), Image.Resampling.LANCZOS).crop((28, 0, 252, 224))
+    default = file_list([path]).load(224).images[0]
+    assert torch.equal(default, torch.from_numpy(np.array(whole)).permute(2, 0, 1))
     for bad in (0, 1.2, -0.5):
         with pytest.raises(ValueError, match=f"crop_pct={bad} must be in"):
             replace(files, crop_pct=bad)
