@@ -308,6 +308,27 @@ def test_an_unreadable_file_met_in_training_is_named(tmp_path):
             learn.fit(1, 1e-3)
 
 
+def test_lr_find_and_summary_run_on_a_file_list_and_leave_no_worker_behind(tmp_path):
+    """fastai's lr finder stops a pass early and summary takes one batch: both leave the
+    decoding workers of the unfinished passes shut down, not waiting for the garbage
+    collector."""
+    import multiprocessing
+
+    import fastai.callback.hook  # noqa: F401  (Learner.summary)
+
+    files = write_stripes(tmp_path / "train", stripes(0))
+    learn = make_learner(
+        new_model(), SoftmaxLoss(32, NUM_CLASSES), files, batch_size=8, image_size=SIZE,
+        num_workers=2, augment=True, device="cpu",
+    )  # fmt: skip
+    with learn.no_bar(), learn.no_logging():
+        suggestion = learn.lr_find(num_it=5, show_plot=False)
+        summary = learn.summary()
+    assert suggestion.valley > 0
+    assert f"8 x 3 x {SIZE} x {SIZE}" in summary  # the input shape of one file batch
+    assert multiprocessing.active_children() == []
+
+
 def test_make_learner_asks_a_file_list_for_its_size_and_a_plain_augmentation(tmp_path):
     files = write_stripes(tmp_path / "train", stripes(0))
 

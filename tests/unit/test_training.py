@@ -351,6 +351,17 @@ def test_lr_find_runs_and_leaves_the_history_alone():
     assert learn.retrieval.history == []
 
 
+def test_summary_runs_with_the_validation_loop_skipped():
+    """fastai's summary passes one batch through get_preds, a validation pass that
+    SkipValidationLoop lets run (it failed on a missing progress bar or predictions)."""
+    import fastai.callback.hook  # noqa: F401  (Learner.summary)
+
+    learn = new_learner(val=stripes(1))
+    summary = learn.summary()  # progress bars on, as in a notebook
+    assert "Total params" in summary and "(Input shape: 16 x 3 x 16 x 16)" in summary
+    assert learn.retrieval.history == []
+
+
 def test_make_learner_errors_name_the_fix():
     train = stripes(0)
     model = new_model()

@@ -159,7 +159,9 @@ class SkipValidationLoop(Callback):
 
     That loop would apply the training loss to the validation set, whose classes are not
     among the training classes: a classifier's loss there is meaningless or an error.
-    ``RetrievalCallback`` measures retrieval on those classes instead.
+    ``RetrievalCallback`` measures retrieval on those classes instead. A pass that gathers
+    predictions (``learn.get_preds``, which ``learn.summary`` uses) is not a validation and
+    runs.
     """
 
     order = -5  # after TrainEvalCallback (-10) sets eval mode, before the progress bars (60)
@@ -168,12 +170,18 @@ class SkipValidationLoop(Callback):
         self.learn.recorder.valid_metrics = False  # read by the Recorder (50) to name columns
 
     def before_validate(self):
-        raise CancelValidException()
+        if not _gathering_preds(self.learn):
+            raise CancelValidException()
 
 
 def _training_fit(learn: Learner) -> bool:
     """False during the lr finder's and get_preds' own fits, which the callbacks stay out of."""
-    return not hasattr(learn, "lr_finder") and not hasattr(learn, "gather_preds")
+    return not hasattr(learn, "lr_finder") and not _gathering_preds(learn)
+
+
+def _gathering_preds(learn: Learner) -> bool:
+    """True inside ``learn.get_preds`` (its GatherPredsCallback is attached as gather_preds)."""
+    return hasattr(learn, "gather_preds")
 
 
 class LossStatsCallback(Callback):
@@ -314,6 +322,8 @@ class RetrievalCallback(Callback):
         self.recorder.metric_names = L(names[:at] + columns + names[at:])
 
     def after_validate(self):
+        if _gathering_preds(self.learn):  # get_preds' pass (summary), not an epoch
+            return
         epoch = self._epochs_done
         entry = {"epoch": epoch, "train_loss": float(self.recorder.smooth_loss.value)}
         due = (self.learn.epoch + 1) % self.every == 0 or self.learn.epoch == self.n_epoch - 1
@@ -328,7 +338,8 @@ class RetrievalCallback(Callback):
         self.recorder.log += [entry.get(f"val_recall@{k}", math.nan) for k in self.ks]
 
     def after_epoch(self):
-        self._epochs_done += 1
+        if not _gathering_preds(self.learn):
+            self._epochs_done += 1
 
     def after_fit(self):
         if self.best_epoch is None:
