@@ -7,7 +7,10 @@ import math
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
+
+from utils_cv.similarity.datasets import FileList, ImageData
 
 # Kinds of files a user's folder holds: plain RGB, transparent RGBA, palette with a
 # transparent colour, and JPEG. Each class gets them in turn.
@@ -74,3 +77,31 @@ def snapshot(root: Path) -> dict[str, tuple]:
             data = path.read_bytes()
             state[relative] = (len(data), hashlib.sha256(data).hexdigest(), path.stat().st_mtime_ns)
     return state
+
+
+def file_list(paths: list[Path], labels: list[int] | None = None) -> FileList:
+    """A FileList of ``paths`` (absolute), one class each unless ``labels`` are given, all
+    split "train"."""
+    labels = list(range(len(paths))) if labels is None else labels
+    n = len(paths)
+    return FileList(
+        root=paths[0].parent,
+        paths=[str(p.resolve()) for p in paths],
+        labels=torch.tensor(labels),
+        class_names=[f"class{i}" for i in range(max(labels) + 1)],
+        splits=["train"] * n,
+        domains=[""] * n,
+    )
+
+
+def write_stripes(folder: Path, data: ImageData) -> FileList:
+    """``data``'s images as lossless PNGs, listed with its labels and splits."""
+    folder.mkdir(parents=True)
+    paths = []
+    for i, image in enumerate(data.images):
+        paths.append(folder / f"{i:03d}.png")
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(paths[-1])
+    files = file_list(paths, data.labels.tolist())
+    files.class_names = list(data.class_names)
+    files.splits = list(data.splits)
+    return files

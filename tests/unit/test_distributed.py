@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from tests.image_folders import write_stripes
 from tests.ports import free_port
 from utils_cv.similarity import training
 from utils_cv.similarity.datasets import FileList
@@ -36,7 +37,6 @@ from utils_cv.similarity.runner import train_run
 from utils_cv.similarity.samplers import ClassBalancedBatchSampler
 from utils_cv.similarity.training import split_batch, torch_optimizer
 
-from .test_file_dataset import write_stripes
 from .test_training import NUM_CLASSES, SIZE, stripes
 
 LOSSES = {

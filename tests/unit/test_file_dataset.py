@@ -18,10 +18,10 @@ import torch
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_image
 
-from tests.image_folders import KINDS, pattern, write_image_folder
+from tests.image_folders import KINDS, file_list, pattern, write_image_folder, write_stripes
 from tests.unit.test_training import NUM_CLASSES, PER_CLASS, SIZE, new_model, stripes
 from utils_cv.similarity import runner
-from utils_cv.similarity.datasets import FileList, ImageData, load_image_folder, to_rgb
+from utils_cv.similarity.datasets import FileList, load_image_folder, to_rgb
 from utils_cv.similarity.file_loader import (
     FileDataLoader,
     FileDataset,
@@ -66,32 +66,6 @@ def write_files(folder: Path) -> list[Path]:
         paths.append(folder / name)
         image.save(paths[-1])
     return paths
-
-
-def file_list(paths: list[Path], labels: list[int] | None = None) -> FileList:
-    labels = list(range(len(paths))) if labels is None else labels
-    n = len(paths)
-    return FileList(
-        root=paths[0].parent,
-        paths=[str(p.resolve()) for p in paths],
-        labels=torch.tensor(labels),
-        class_names=[f"class{i}" for i in range(max(labels) + 1)],
-        splits=["train"] * n,
-        domains=[""] * n,
-    )
-
-
-def write_stripes(folder: Path, data: ImageData) -> FileList:
-    """``data``'s images as lossless PNGs, listed with its labels and splits."""
-    folder.mkdir(parents=True)
-    paths = []
-    for i, image in enumerate(data.images):
-        paths.append(folder / f"{i:03d}.png")
-        Image.fromarray(image.permute(1, 2, 0).numpy()).save(paths[-1])
-    files = file_list(paths, data.labels.tolist())
-    files.class_names = list(data.class_names)
-    files.splits = list(data.splits)
-    return files
 
 
 # --- decoding -------------------------------------------------------------------------------
