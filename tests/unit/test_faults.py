@@ -180,6 +180,28 @@ def _fake_bin(folder: Path) -> Path:
 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_loading_waits_for_a_rebuild_in_another_process_to_finish(tmp_path, monkeypatch):
+    """A rebuild moves the data folder away before the new one takes its place: a reader
+    must neither check nor read files meanwhile. The build's lock is held here on a file
+    description of its own, as another process would hold it."""
+    import threading
+
+    root = tmp_path / "emoji"
+    root.mkdir()
+    (root / "manifest.csv").write_text("path,class_name,design,split\n", encoding="utf-8")
+    checked = threading.Event()
+    monkeypatch.setattr(emoji, "check_emoji", lambda *args, **kwargs: checked.set())
+    reader = threading.Thread(target=emoji.load_emoji, args=(root,), daemon=True)
+    with emoji._build_lock(root):
+        reader.start()
+        reader.join(timeout=2)
+        assert reader.is_alive() and not checked.is_set()  # waiting for the build
+    reader.join(timeout=60)
+    assert not reader.is_alive() and checked.is_set()
+    with emoji._build_lock(root, shared=True), emoji._build_lock(root, shared=True):
+        pass  # readers do not wait for each other
+
+
 def test_a_notebook_killed_during_make_run_leaves_no_stale_metrics(tmp_path):
     outputs = tmp_path / "outputs"
     notebooks = ["notebooks/00_first.ipynb", "notebooks/01_killed.ipynb"]

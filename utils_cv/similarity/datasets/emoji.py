@@ -207,16 +207,17 @@ def build_emoji(
 
 
 @contextmanager
-def _build_lock(root: Path) -> Iterator[None]:
+def _build_lock(root: Path, shared: bool = False) -> Iterator[None]:
     """Wait until no other process builds into ``root``'s parent folder, and hold it.
 
     The lock is on that folder itself, so it adds no file; the system releases it when the
-    process ends, however it ends (even by SIGKILL).
+    process ends, however it ends (even by SIGKILL). ``shared``: a reader's lock, which
+    many processes hold at once and a build waits for (a rebuild moves the folder away).
     """
     root.parent.mkdir(parents=True, exist_ok=True)
     folder = os.open(root.parent, os.O_RDONLY)
     try:
-        fcntl.flock(folder, fcntl.LOCK_EX)
+        fcntl.flock(folder, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
         yield
     finally:
         os.close(folder)  # releases the lock
@@ -431,15 +432,16 @@ def load_emoji(
             packages=packages,
             if_missing=not rebuild,  # another process may have built it meanwhile
         )
-    check_emoji(root, {k: v for k, v in params.items() if k != "image_size"}, fonts)
-    with open(root / "manifest.csv", newline="", encoding="utf-8") as file:
-        rows = [row for row in csv.DictReader(file) if row["design"] in params["designs"]]
+    with _build_lock(root, shared=True):  # a rebuild in another process waits, and we for it
+        check_emoji(root, {k: v for k, v in params.items() if k != "image_size"}, fonts)
+        with open(root / "manifest.csv", newline="", encoding="utf-8") as file:
+            rows = [row for row in csv.DictReader(file) if row["design"] in params["designs"]]
+        images = []
+        for row in rows:
+            with Image.open(root / row["path"]) as image:
+                images.append(_resize_square(image, image_size))
     class_names = sorted({row["class_name"] for row in rows})
     index = {name: i for i, name in enumerate(class_names)}
-    images = []
-    for row in rows:
-        with Image.open(root / row["path"]) as image:
-            images.append(_resize_square(image, image_size))
     return ImageData(
         images=_to_tensor(images),
         labels=torch.tensor([index[row["class_name"]] for row in rows], dtype=torch.int64),
