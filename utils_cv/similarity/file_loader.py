@@ -34,11 +34,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-from utils_cv.similarity.datasets.base import WHITE, _resize_square, to_rgb
+from utils_cv.similarity.datasets.base import DECODE_ERRORS, WHITE, _resize_square, to_rgb
 
 try:  # deprecated since torchvision 0.29 for TorchCodec; Pillow decodes everything without it
     from torchvision.io import ImageReadMode, decode_image
@@ -54,7 +54,6 @@ if TYPE_CHECKING:
 TORCHVISION_JPEG_MODES = ("RGB", "L")
 # EXIF orientations 5 to 8 turn the image by 90 degrees: height and width swap.
 _TRANSPOSING = (5, 6, 7, 8)
-_DECODE_ERRORS = (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError)
 
 
 def default_num_workers() -> int:
@@ -76,7 +75,7 @@ def decode_rgb(path: str | os.PathLike, background: tuple[int, int, int] = WHITE
                 if pixels is not None:
                     return pixels
             return torch.from_numpy(np.array(to_rgb(image, background))).permute(2, 0, 1)
-    except _DECODE_ERRORS as error:
+    except DECODE_ERRORS as error:
         raise ValueError(
             f"cannot read image {path} ({error}); the file is damaged or not an image: "
             "replace it, or leave it out of the FileList (FileList.subset)"

@@ -18,7 +18,7 @@ from typing import ClassVar, Self
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 # Built and downloaded data is cached in the repository's data/ folder (git-ignored).
@@ -299,6 +299,9 @@ def _to_tensor(images: list[Image.Image]) -> torch.Tensor:
 
 
 WHITE = (255, 255, 255)
+# What Pillow raises for a file it cannot decode: not an image, cut short or unreadable,
+# a bad header, or too many pixels.
+DECODE_ERRORS = (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError)
 
 
 def to_rgb(image: Image.Image, background: tuple[int, int, int] = WHITE) -> Image.Image:

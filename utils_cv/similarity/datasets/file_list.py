@@ -24,10 +24,11 @@ from pathlib import Path
 from typing import ClassVar
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from utils_cv.common.download import download, safe_extract
 from utils_cv.similarity.datasets.base import (
+    DECODE_ERRORS,
     WHITE,
     ImageData,
     PerImageFields,
@@ -100,8 +101,9 @@ class FileList(PerImageFields):
     def load(self, image_size: int, background: tuple[int, int, int] = WHITE) -> ImageData:
         """Every file decoded as ``load_image_folder`` decodes images: RGB as ``to_rgb`` says
         (EXIF orientation, transparency onto ``background``), shorter side resized to
-        ``image_size / crop_pct``, the centre ``image_size`` cropped. Labels, class names, splits, domains and paths are
-        kept (super-classes are not: ImageData has no field for them).
+        ``image_size / crop_pct``, the centre ``image_size`` cropped. Labels, class names,
+        splits, domains and paths are kept (super-classes are not: ImageData has no field
+        for them).
 
         Raises ValueError naming the first file that cannot be decoded; a benchmark's files
         are all expected to be readable, so none is skipped silently.
@@ -111,12 +113,7 @@ class FileList(PerImageFields):
             try:
                 with Image.open(path) as image:
                     images.append(_resize_square(image, image_size, background, self.crop_pct))
-            except (
-                UnidentifiedImageError,
-                OSError,
-                ValueError,
-                Image.DecompressionBombError,
-            ) as error:
+            except DECODE_ERRORS as error:
                 raise ValueError(
                     f"cannot read image {path} ({error}); the file is damaged or not an image: "
                     "extract it again from the dataset's archive, or leave it out with "

@@ -7,9 +7,10 @@ import warnings
 from pathlib import Path
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from utils_cv.similarity.datasets.base import (
+    DECODE_ERRORS,
     WHITE,
     ImageData,
     _resize_square,
@@ -95,12 +96,7 @@ def load_image_folder(
                         images.append(_resize_square(image, image_size, background))
                     else:
                         to_rgb(image, background)  # decoded, then let go
-            except (
-                UnidentifiedImageError,
-                OSError,
-                ValueError,
-                Image.DecompressionBombError,
-            ) as error:
+            except DECODE_ERRORS as error:
                 skipped.append(f"{path} (unreadable: {error})")
                 continue
             labels.append(len(class_names))
