@@ -201,7 +201,8 @@ def train_run(
             f"epochs={epochs} for the loss itself; raise epochs or shorten the warm-ups"
         )
     main_epochs = epochs - frozen_epochs - warmup_epochs
-    lr_schedule(schedule, main_epochs)  # a wrong schedule fails before the training
+    # checked here, so that a wrong schedule fails before the training
+    one_cycle = lr_schedule(schedule, main_epochs) is None
     if (warmup_loss is None) != (warmup_epochs == 0):
         raise ValueError("warmup_loss and warmup_epochs go together: give both or neither")
     if (classes_per_batch is None) != (samples_per_class is None):
@@ -276,7 +277,7 @@ def train_run(
             moms = [hypers.get("mom") for hypers in learn.opt.hypers]
             learn.fit_one_cycle(warmup_epochs, warmup_lr)
             _switch_loss(learn, loss)
-            if lr_schedule(schedule, main_epochs) is not None and None not in moms:
+            if not one_cycle and None not in moms:
                 # one-cycle ends at momentum 0.95; a paper's schedule keeps the optimizer's own
                 learn.opt.set_hyper("mom", moms)
         fit_scheduled(learn, main_epochs, lr, schedule)

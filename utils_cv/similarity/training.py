@@ -588,32 +588,22 @@ def make_learner(
         batch_sampler = _per_rank_sampler(batch_sampler, len(train), batch_size, world_size, seed)
         if device.type == "cuda":
             model = sync_batchnorm(model)  # in place: the caller's model object is trained
+    batches = {
+        "shuffle": True,
+        "drop_last": True,
+        "augment": augment,
+        "batch_sampler": batch_sampler,
+        "device": device,
+        "seed": seed + rank,  # each process its own augmentations
+    }
     # fastai wants a validation loader too; it is never iterated (SkipValidationLoop).
     if isinstance(train, FileList):
         train_loader = FileDataLoader(
-            train,
-            image_size,
-            batch_size,
-            shuffle=True,
-            drop_last=True,
-            augment=augment,
-            batch_sampler=batch_sampler,
-            num_workers=num_workers,
-            device=device,
-            seed=seed + rank,  # each process its own augmentations
+            train, image_size, batch_size, num_workers=num_workers, **batches
         )
         valid_loader = FileDataLoader(train, image_size, batch_sampler=[], device=device)
     else:
-        train_loader = DeviceDataLoader(
-            train,
-            batch_size,
-            shuffle=True,
-            drop_last=True,
-            augment=augment,
-            batch_sampler=batch_sampler,
-            device=device,
-            seed=seed + rank,  # each process its own augmentations
-        )
+        train_loader = DeviceDataLoader(train, batch_size, **batches)
         valid_loader = DeviceDataLoader(train, batch_sampler=[], device=device)
     learn = Learner(
         DataLoaders(train_loader, valid_loader, device=device),
