@@ -1,14 +1,21 @@
 import json
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from tests.image_folders import file_list, pattern
 from utils_cv.similarity.binary import binarize
-from utils_cv.similarity.catalogue import index_images, load_query_images, search_images
+from utils_cv.similarity.catalogue import (
+    index_images,
+    load_query_images,
+    query_geometry,
+    search_images,
+)
 from utils_cv.similarity.datasets.base import ImageData
 from utils_cv.similarity.index import KINDS, EmbeddingIndex, model_identity
 from utils_cv.similarity.models import EmbeddingNet
@@ -152,6 +159,37 @@ def test_queries_of_another_model_are_refused():
         index.search(torch.randn(2, 16), k=3, model=model_identity(other, 24))
     with pytest.raises(ValueError, match="image_size 32 against the index's 24"):
         index.search(torch.randn(2, 16), k=3, model=model_identity(model, 32))
+    with pytest.raises(ValueError, match="crop_pct 0.875 against the index's 1.0"):
+        index.search(torch.randn(2, 16), k=3, model=model_identity(model, 24, crop_pct=0.875))
+    del index.model["crop_pct"]  # an index saved before identities stored it: the whole side
+    index.search(torch.randn(2, 16), k=3, model=model_identity(model, 24))
+
+
+def test_a_file_list_catalogue_gives_its_crop_to_the_queries(tmp_path):
+    """Indexed from files at crop_pct 0.875 (the papers' 256 -> 224), a catalogue file used
+    as a query is loaded with the same crop, so it finds itself at distance 0; at the whole
+    shorter side it would be another picture."""
+    torch.manual_seed(0)
+    model, paths = EmbeddingNet("small_cnn", 16), []
+    for i in range(6):  # 32 x 40 pictures: not square, so the crop matters
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(pattern(i, i, 40)[:32]).save(paths[-1])
+    files = replace(file_list(paths), crop_pct=0.875)
+    index = index_images(model, files, image_size=24, num_workers=0)
+    assert index.model["crop_pct"] == 0.875 and index.paths == [str(p) for p in paths]
+    in_memory = index_images(model, files.load(24), image_size=24, crop_pct=0.875)
+    assert in_memory.model == index.model
+    probe = torch.randn(3, 16)
+    for got, want in zip(index.search(probe, k=6), in_memory.search(probe, k=6), strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-5)
+    assert query_geometry(index) == (24, 0.875)
+    queries = load_query_images([paths[4]], *query_geometry(index))
+    assert torch.equal(queries[0], files.load(24).images[4])
+    assert not torch.equal(load_query_images([paths[4]], 24)[0], queries[0])
+    (found, *_), *_ = search_images(model, index, [paths[4]], k=2)
+    assert found["path"] == str(paths[4]) and found["distance"] < 1e-5
+    with pytest.raises(ValueError, match="crop_pct=1.0 but the FileList crops at 0.875"):
+        index_images(model, files, image_size=24, crop_pct=1.0)
 
 
 def catalogue_data(size=24, count=12):

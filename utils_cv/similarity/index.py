@@ -18,7 +18,7 @@ index (faiss: Johnson, Douze and Jégou, "Billion-scale similarity search with G
 The exact kinds search where `search.nearest_neighbors` does (CUDA when available, through
 torch); the IVF kinds search on a GPU when faiss was built with GPU support (`faiss-gpu`), on
 the CPU otherwise; HNSW has no GPU version in faiss. An index remembers what made its embeddings (`model_identity`: the model's name,
-a fingerprint of its weights, its input size and normalization, the library version) and
+a fingerprint of its weights, its input size, crop and normalization, the library version) and
 refuses queries of another width or, when the caller says which model made them, of
 another model.
 """
@@ -44,20 +44,27 @@ FLOAT_METRICS = ("cosine", "euclidean", "squared_euclidean")
 FORMAT = 1  # of the saved folder; a change that older code cannot read increments it
 # What must match between the model of the index and the model of the queries; its name is
 # for people and the library version may change without changing any embedding.
-IDENTITY_KEYS = ("weights_sha256", "image_size", "mean", "std")
+IDENTITY_KEYS = ("weights_sha256", "image_size", "crop_pct", "mean", "std")
+# Identities saved before a key existed: the value it had then (crop_pct: the whole side).
+IDENTITY_DEFAULTS = {"crop_pct": 1.0}
 
 
-def model_identity(model: torch.nn.Module, image_size: int, name: str | None = None) -> dict:
+def model_identity(
+    model: torch.nn.Module, image_size: int, name: str | None = None, crop_pct: float = 1.0
+) -> dict:
     """What an index needs to know about the model that embedded its references.
 
     Args:
         model: the embedding model; its weights are fingerprinted (SHA-256 of the state dict).
         image_size: the square size images are resized to before embedding.
         name: a name for people to read; the model's class name by default.
+        crop_pct: how images were made square: shorter side resized to image_size /
+            crop_pct, the centre cropped (``FileList.crop_pct``; 1.0 keeps the whole side).
 
     Returns:
-        {"name", "weights_sha256" (first 16 hex digits), "image_size", "mean", "std" (the input
-        normalization inside the model, None when it has none), "utils_cv" (the version)}.
+        {"name", "weights_sha256" (first 16 hex digits), "image_size", "crop_pct", "mean",
+        "std" (the input normalization inside the model, None when it has none), "utils_cv"
+        (the version)}.
     """
     digest = hashlib.sha256()
     for key, tensor in sorted(model.state_dict().items()):
@@ -68,10 +75,17 @@ def model_identity(model: torch.nn.Module, image_size: int, name: str | None = N
         "name": name or type(model).__name__,
         "weights_sha256": digest.hexdigest()[:16],
         "image_size": int(image_size),
+        "crop_pct": float(crop_pct),
         "mean": None if mean is None else [round(v, 6) for v in mean.flatten().tolist()],
         "std": None if std is None else [round(v, 6) for v in std.flatten().tolist()],
         "utils_cv": utils_cv.__version__,
     }
+
+
+def identity_values(identity: dict) -> dict:
+    """The values of ``IDENTITY_KEYS`` in a model identity, ``IDENTITY_DEFAULTS`` for a key
+    that an older identity lacks."""
+    return {key: identity.get(key, IDENTITY_DEFAULTS.get(key)) for key in IDENTITY_KEYS}
 
 
 class EmbeddingIndex:
@@ -251,13 +265,13 @@ class EmbeddingIndex:
         self, queries, k: int, model: dict | None, device=None
     ) -> tuple[np.ndarray, np.ndarray]:
         if model is not None and self.model is not None:
-            changed = [key for key in IDENTITY_KEYS if model.get(key) != self.model.get(key)]
+            mine, theirs = identity_values(self.model), identity_values(model)
+            changed = [key for key in IDENTITY_KEYS if theirs[key] != mine[key]]
             if changed:
                 raise ValueError(
                     "the queries come from another model than the index: "
                     + "; ".join(
-                        f"{key} {model.get(key)} against the index's {self.model.get(key)}"
-                        for key in changed
+                        f"{key} {theirs[key]} against the index's {mine[key]}" for key in changed
                     )
                     + ". Embed the queries with the index's model, or build the index again with this one"
                 )

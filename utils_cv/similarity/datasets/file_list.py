@@ -56,8 +56,8 @@ class FileList(PerImageFields):
     crop_pct: how an image is made square for evaluation (``load`` and a loader without
     augmentation): the shorter side resized to image_size / crop_pct, then the centre
     image_size cropped. 1.0 keeps the whole shorter side; 0.875 is the papers' and
-    torchvision's 256 -> 224 (timm's ``crop_pct``). Only this list's images: query files
-    read by ``catalogue.load_query_images`` keep the whole shorter side.
+    torchvision's 256 -> 224 (timm's ``crop_pct``). ``catalogue.index_images`` stores it in
+    the index, so that query files are loaded with the same crop.
     """
 
     root: Path

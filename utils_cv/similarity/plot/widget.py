@@ -108,7 +108,7 @@ class RetrievalBrowser:
         from utils_cv.similarity.catalogue import (
             load_query_images,
             query_embeddings,
-            query_image_size,
+            query_geometry,
         )
 
         if self.model is None:
@@ -116,9 +116,9 @@ class RetrievalBrowser:
                 "an uploaded image needs the embedding model: RetrievalBrowser(..., model=model)"
             )
         index = self.indexes[self.kind]
-        size = query_image_size(index)
+        size, crop_pct = query_geometry(index)
         try:
-            image = load_query_images([io.BytesIO(bytes(content))], size)
+            image = load_query_images([io.BytesIO(bytes(content))], size, crop_pct)
         except ValueError:
             raise ValueError("the uploaded file is not an image; upload a JPEG or a PNG") from None
         embedding, identity = query_embeddings(self.model, index, image)
