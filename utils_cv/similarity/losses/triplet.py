@@ -181,30 +181,28 @@ class TripletLoss(nn.Module):
 
     def distances(self, embeddings: torch.Tensor) -> torch.Tensor:
         """(N, N) Euclidean (or squared, with ``squared``) distances, in float32 at least."""
-        # Mixed precision would compute the matrix product in 16 bits, where |x|^2 + |y|^2
-        # - 2 x.y loses small distances to cancellation: compute it in float32 or better.
+        # Mixed precision would compute the distances in 16 bits: use float32 or better.
         with torch.autocast(embeddings.device.type, enabled=False):
             x = embeddings.to(torch.promote_types(embeddings.dtype, torch.float32))
-            # Distances do not change under a shift; centring shrinks the norms and with them
-            # the rounding error, which matters most when embeddings crowd together. The mean
-            # of the sorted columns is the same to the last bit in any batch order, and so are
-            # the distances: semi-hard and batch-all mining break exact ties (d_an = d_ap)
-            # the same way whatever the order of the batch.
-            x = x - x.detach().sort(dim=0).values.mean(dim=0, keepdim=True)
             # Scaled by the power of two at or below the largest coordinate, which is exact: the
-            # squared norms of embeddings as large as 1e20 would overflow float32 (inf - inf =
-            # NaN). Rounding down keeps the scale finite up to float32's largest number.
-            # Scaled back by `scale` twice, not by scale**2, which can overflow where the
-            # distance does not: 0 * inf would be NaN, the mark of non-finite embeddings.
+            # squares of embeddings as large as 1e20 would overflow float32 (inf - inf = NaN).
+            # Rounding down keeps the scale finite up to float32's largest number. Scaled back
+            # by `scale` twice, not by scale**2, which can overflow where the distance does
+            # not: 0 * inf would be NaN, the mark of non-finite embeddings.
             peak = x.detach().abs().max()
             scale = torch.where(peak > 0, torch.exp2(torch.log2(peak).floor()), 1.0)
             x = x / scale
-            norms = (x * x).sum(dim=1)
-            squared = (norms[:, None] + norms[None, :] - 2 * x @ x.T).clamp(min=0)
+            # Each distance from the difference of its two embeddings, not from |x|^2 + |y|^2
+            # - 2 x.y: the rounding of a matrix product depends on where a pair sits in it
+            # (on some BLAS builds), and its cancellation left coinciding points about 1e-4
+            # apart. This way equal points are exactly 0 apart, and every distance is the
+            # same to the last bit in any batch order, so semi-hard and batch-all mining
+            # break exact ties (d_an = d_ap) the same way whatever the order.
+            dist = torch.cdist(x, x, compute_mode="donot_use_mm_for_euclid_dist")
         if self.squared:
-            return squared * scale * scale
+            return dist * dist * scale * scale
         # sqrt has an infinite slope at 0; clamping keeps gradients finite where points meet.
-        return squared.clamp(min=1e-12).sqrt() * scale
+        return dist.clamp(min=1e-6) * scale
 
     def _hinge(self, diff: torch.Tensor) -> torch.Tensor:
         """Loss per triplet from d(a, p) - d(a, n)."""
