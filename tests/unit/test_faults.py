@@ -27,9 +27,9 @@ import pytest
 import torch
 
 from utils_cv.common.results import load_metrics, record_metrics
+from utils_cv.similarity.callbacks import load_checkpoint
 from utils_cv.similarity.datasets import emoji
 from utils_cv.similarity.index import EmbeddingIndex
-from utils_cv.similarity.training import load_checkpoint
 
 from .test_emoji import needs_fonts
 from .test_index import clustered
@@ -46,6 +46,7 @@ CHILD = f"""
 import sys, time
 from pathlib import Path
 from PIL import Image
+from utils_cv.similarity.callbacks import load_checkpoint
 from utils_cv.similarity.datasets import emoji
 
 root, log, ready, go = map(Path, sys.argv[1:5])

@@ -21,6 +21,7 @@ from torchvision.io import ImageReadMode, decode_image
 from tests.image_folders import KINDS, file_list, pattern, write_image_folder, write_stripes
 from tests.unit.test_training import NUM_CLASSES, PER_CLASS, SIZE, new_model, stripes
 from utils_cv.similarity import runner
+from utils_cv.similarity.callbacks import get_history, load_checkpoint
 from utils_cv.similarity.datasets import FileList, load_image_folder, to_rgb
 from utils_cv.similarity.file_loader import (
     FileDataLoader,
@@ -31,7 +32,7 @@ from utils_cv.similarity.file_loader import (
 from utils_cv.similarity.losses import SoftmaxLoss
 from utils_cv.similarity.models import embed
 from utils_cv.similarity.samplers import ClassBalancedBatchSampler
-from utils_cv.similarity.training import get_history, load_checkpoint, make_learner
+from utils_cv.similarity.training import make_learner
 
 ORIENTATION = 0x0112  # the EXIF tag
 # torchvision 0.29 deprecates its image decoders (for TorchCodec) with a warning per call.

@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from utils_cv.similarity.callbacks import _flat_numbers
 from utils_cv.similarity.losses import RankingRegularizedLoss, TripletLoss
 from utils_cv.similarity.models import TwoHeadNet
-from utils_cv.similarity.training import _flat_numbers
 
 WEIGHTS = [0.0, 0.5, 1.0, 2.0]
 MININGS = ["semi_hard", "batch_hard"]

@@ -13,7 +13,8 @@ from fastai.learner import Learner
 from fastcore.foundation import L
 
 from utils_cv.common.device import set_seed
-from utils_cv.similarity import training
+from utils_cv.similarity import callbacks, training
+from utils_cv.similarity.callbacks import get_history
 from utils_cv.similarity.losses import SoftmaxLoss, TripletLoss
 from utils_cv.similarity.metrics import retrieval_metrics
 from utils_cv.similarity.models import EmbeddingNet, embed
@@ -25,7 +26,7 @@ from utils_cv.similarity.runner import (
     train_runs,
 )
 from utils_cv.similarity.samplers import ClassBalancedBatchSampler
-from utils_cv.similarity.training import get_history, make_learner, replace_loss
+from utils_cv.similarity.training import make_learner, replace_loss
 
 from .test_training import NUM_CLASSES, stripes
 
@@ -225,7 +226,7 @@ def test_a_best_epoch_in_the_warmup_of_another_loss_restores_the_model_only(monk
     # parameters the warm-up loss lacks: only the model's weights can be restored.
     scores = iter([0.9, 0.1, 0.2])
     monkeypatch.setattr(
-        training, "retrieval_metrics", lambda embeddings, labels, ks: {"recall@1": next(scores)}
+        callbacks, "retrieval_metrics", lambda embeddings, labels, ks: {"recall@1": next(scores)}
     )
     run = train_run(
         small_model, lambda: SoftmaxLoss(16, NUM_CLASSES), stripes(0), val=stripes(1),

@@ -11,7 +11,8 @@ from fastai.callback.core import Callback
 from fastai.optimizer import SGD
 
 from utils_cv.common.device import set_seed
-from utils_cv.similarity import training
+from utils_cv.similarity import callbacks, training
+from utils_cv.similarity.callbacks import RetrievalCallback, get_history, load_checkpoint
 from utils_cv.similarity.datasets import ImageData
 from utils_cv.similarity.losses import SoftmaxLoss, TripletLoss
 from utils_cv.similarity.metrics import retrieval_metrics
@@ -20,9 +21,6 @@ from utils_cv.similarity.samplers import ClassBalancedBatchSampler
 from utils_cv.similarity.training import (
     DeviceDataLoader,
     ModelWithLoss,
-    RetrievalCallback,
-    get_history,
-    load_checkpoint,
     make_learner,
     torch_optimizer,
 )
@@ -287,7 +285,7 @@ def test_the_best_epoch_is_restored_after_fit(tmp_path, monkeypatch, to_file):
         score = next(scores)
         return {"recall@1": score, "map@r": score / 2, "r_precision": score, "num_queries": 48}
 
-    monkeypatch.setattr(training, "retrieval_metrics", fake_metrics)
+    monkeypatch.setattr(callbacks, "retrieval_metrics", fake_metrics)
     path = tmp_path / "checkpoints" / "best.pth" if to_file else None
     learn = new_learner(val=stripes(1), checkpoint_path=path)
     states = RecordStates()
@@ -312,7 +310,7 @@ def test_history_and_best_model_carry_over_between_fits(monkeypatch):
     def fake_metrics(embeddings, labels, ks):
         return {"recall@1": next(scores)}
 
-    monkeypatch.setattr(training, "retrieval_metrics", fake_metrics)
+    monkeypatch.setattr(callbacks, "retrieval_metrics", fake_metrics)
     learn = new_learner(val=stripes(1))
     with learn.no_bar():
         learn.fit(2, lr=1e-2)
@@ -405,7 +403,7 @@ def test_loss_stats_are_averaged_per_epoch_and_merged_into_the_history():
     learn = make_learner(
         model, CountingLoss(), data, val=stripes(1), batch_sampler=batches, device="cpu"
     )
-    assert any(isinstance(cb, training.LossStatsCallback) for cb in learn.cbs)
+    assert any(isinstance(cb, callbacks.LossStatsCallback) for cb in learn.cbs)
     learn.fit(2, 1e-3)
     history = get_history(learn)
     assert [entry["epoch"] for entry in history] == [0, 1]
@@ -509,7 +507,7 @@ def test_model_with_loss_calls_training_outputs_only_in_training_mode():
 
 def test_loss_stats_flatten_nested_dicts_and_skip_what_is_not_a_number():
     stats = {"a": 1, "b": {"c": 2.5, "d": {"e": torch.tensor(3.0)}}, "f": "text", "g": True}
-    assert dict(training._flat_numbers(stats)) == {"a": 1.0, "b_c": 2.5, "b_d_e": 3.0}
+    assert dict(callbacks._flat_numbers(stats)) == {"a": 1.0, "b_c": 2.5, "b_d_e": 3.0}
 
 
 def test_loss_stats_skip_the_lr_finder_and_average_only_where_reported():
@@ -539,9 +537,9 @@ def test_loss_stats_skip_the_lr_finder_and_average_only_where_reported():
 
 
 def test_step_cost_measures_time_and_the_memory_the_loss_saves():
+    from utils_cv.similarity.budget import step_cost
     from utils_cv.similarity.losses import EmbeddingExpansion, TripletLoss
     from utils_cv.similarity.models import EmbeddingNet
-    from utils_cv.similarity.training import step_cost
 
     torch.manual_seed(0)
     model = EmbeddingNet("small_cnn", 16, normalize=True)

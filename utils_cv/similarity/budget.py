@@ -1,4 +1,5 @@
-"""What each notebook's preset trains, counted before it runs, and what that costs on a GPU.
+"""What each notebook's preset trains, counted before it runs, and what that costs on a GPU;
+what one training step costs (``step_cost``: time, and the memory a loss keeps for backward).
 
 A GPU preset must fit one device call (about 6 minutes on an H200) by construction, not by
 luck. ``planned_trainings`` lists the trainings a notebook runs under a preset: one entry
@@ -14,10 +15,14 @@ training log, ``runner.TRAINING_LOG``), so the count cannot drift from the code.
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+
+import torch
+from torch import nn
 
 from utils_cv.similarity.presets import IMAGENET, SCRATCH
 
@@ -160,3 +165,79 @@ def gpu_seconds(
              IMAGENET: config["finetune_backbone"], CLOSED_IMAGENET: config["finetune_backbone"]}  # fmt: skip
     passes = image_passes(trainings, images)
     return OVERHEAD_SECONDS + sum(n / IMAGES_PER_SECOND[rates[kind]] for kind, n in passes.items())
+
+
+def step_cost(
+    model: nn.Module,
+    loss: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    repeats: int = 10,
+    warmup: int = 2,
+) -> dict[str, float]:
+    """What one training step costs: time, and the memory the loss keeps for backward.
+
+    Runs ``warmup`` + ``repeats`` steps of forward, loss and backward on one batch, on the
+    model's device, in training mode. There is no optimizer step, so the weights do not
+    change (BatchNorm's running statistics do, as in any training step). The time includes
+    whatever the loss computes besides its value (its ``stats``).
+
+    Args:
+        model, loss: as for training; ``loss(model(images), labels)``.
+        images: (B, 3, H, W) uint8 (scaled to [0, 1] as the data loaders do) or float.
+        labels: (B,) int.
+
+    Returns:
+        A dict:
+
+        - "ms_per_step": mean wall time of the timed steps (CUDA synchronized);
+        - "loss_saved_kib": the bytes of every tensor autograd saves while computing the
+          loss from the embeddings (the activation memory the loss adds to a step; a tensor
+          saved twice counts twice), measured with ``saved_tensors_hooks``;
+        - "step_saved_kib": the same for the whole step (model and loss), for scale;
+        - "peak_gpu_mib" (CUDA only): the steps' peak allocated CUDA memory.
+    """
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"repeats={repeats} must be >= 1 and warmup={warmup} >= 0")
+    device = next(model.parameters()).device
+    images = images.to(device)
+    images = images.float() / 255 if images.dtype == torch.uint8 else images
+    labels = labels.to(device)
+    # The loss's own saved tensors only: detached embeddings, so the backbone's graph is
+    # neither counted nor kept alive during the timed steps.
+    with torch.no_grad():
+        embeddings = model(images)
+    embeddings.requires_grad_(True)
+    saved: list[int] = []
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        saved.append(tensor.nbytes)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss(embeddings, labels)
+        loss_bytes = sum(saved)
+        loss(model(images), labels)  # the whole step: backbone, head and loss
+    del embeddings
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    for step in range(warmup + repeats):
+        if step == warmup:
+            if cuda:
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+        model.zero_grad(set_to_none=True)
+        loss(model(images), labels).backward()
+    if cuda:
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    cost = {
+        "ms_per_step": 1000 * seconds / repeats,
+        "loss_saved_kib": loss_bytes / 2**10,
+        "step_saved_kib": (sum(saved) - loss_bytes) / 2**10,
+    }
+    if cuda:
+        cost["peak_gpu_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return cost

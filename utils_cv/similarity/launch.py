@@ -12,7 +12,7 @@ emoji data or a folder of class folders. On several processes ``train_run`` spli
 among them (docs/distributed.md); every process computes the same test metrics. The first
 process writes into ``--out``:
 
-- ``model.pt``: the best validation epoch's weights (``training.load_checkpoint``), written
+- ``model.pt``: the best validation epoch's weights (``callbacks.load_checkpoint``), written
   while training;
 - ``run.json``: the recipe (what ``load_model`` rebuilds the network from), the test metrics
   at full precision, the training seconds, steps and seconds per step, the number of
@@ -37,9 +37,9 @@ import torch
 from utils_cv.common.device import describe_device
 from utils_cv.common.results import write_atomic
 from utils_cv.similarity import compare
+from utils_cv.similarity.callbacks import load_checkpoint
 from utils_cv.similarity.distributed import init_distributed, rank0_first, world
 from utils_cv.similarity.presets import SETTING_NAMES, lesson_settings, preset_config
-from utils_cv.similarity.training import load_checkpoint
 
 MODEL_FILE, RUN_FILE = "model.pt", "run.json"
 

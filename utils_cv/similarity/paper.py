@@ -334,8 +334,9 @@ def train_recipe(
     built = compare.method_recipe(spec["method"], setting, config, spec.get("ee_base"))
     optimizer = dict(spec["optimizer"])
     opt_class = getattr(torch.optim, optimizer.pop("name"))
+    from utils_cv.similarity.callbacks import embed_data
     from utils_cv.similarity.runner import train_run  # the runner imports fastai: only here
-    from utils_cv.similarity.training import embed_data, torch_optimizer
+    from utils_cv.similarity.training import torch_optimizer
 
     frozen = built.get("frozen_epochs", 0)
     schedule = scaled_schedule(spec["lr_schedule"], spec["epochs"] - frozen, epochs - frozen)

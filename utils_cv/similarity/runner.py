@@ -54,6 +54,7 @@ from fastai.learner import Learner
 from torch import nn
 
 from utils_cv.common.device import set_seed
+from utils_cv.similarity.callbacks import RetrievalCallback, embed_data, get_history
 from utils_cv.similarity.datasets import FileList, ImageData
 from utils_cv.similarity.distributed import (
     DistributedPKSampler,
@@ -62,15 +63,7 @@ from utils_cv.similarity.distributed import (
 )
 from utils_cv.similarity.metrics import retrieval_metrics
 from utils_cv.similarity.samplers import ClassBalancedBatchSampler
-from utils_cv.similarity.training import (
-    RetrievalCallback,
-    check_image_size,
-    embed_data,
-    get_history,
-    make_learner,
-    replace_loss,
-    split_batch,
-)
+from utils_cv.similarity.training import check_image_size, make_learner, replace_loss, split_batch
 
 ModuleOrBuilder = nn.Module | Callable[[], nn.Module]
 # With this environment variable set to a file path, every ``train_run`` (in this process or
