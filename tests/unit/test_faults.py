@@ -27,6 +27,7 @@ import pytest
 import torch
 
 from utils_cv.common.results import load_metrics, record_metrics
+from utils_cv.similarity import training
 from utils_cv.similarity.callbacks import load_checkpoint
 from utils_cv.similarity.datasets import emoji
 from utils_cv.similarity.index import EmbeddingIndex
@@ -46,7 +47,6 @@ CHILD = f"""
 import sys, time
 from pathlib import Path
 from PIL import Image
-from utils_cv.similarity.callbacks import load_checkpoint
 from utils_cv.similarity.datasets import emoji
 
 root, log, ready, go = map(Path, sys.argv[1:5])
@@ -231,7 +231,34 @@ def test_a_training_that_diverges_stops_in_that_epoch_naming_the_learning_rate(v
     with pytest.raises(FloatingPointError, match=r"diverged at learning rate 1e\+06") as info:
         with learn.no_bar(), learn.no_logging():
             learn.fit(5, lr=1e6)
-    assert f"became nan in epoch {learn.epoch}:" in str(info.value) and learn.epoch < 4
+    assert f"became nan in epoch {learn.epoch} (first in batch " in str(info.value)
+    assert learn.epoch < 4
+
+
+class NaNFrom(torch.nn.Module):
+    """``loss``, and NaN from its ``first``-th training call on (1 = the first)."""
+
+    def __init__(self, loss: torch.nn.Module, first: int):
+        super().__init__()
+        self.loss, self.first, self.calls = loss, first, 0
+
+    def forward(self, embeddings, labels):
+        self.calls += 1
+        value = self.loss(embeddings, labels)
+        return value * float("nan") if self.calls >= self.first else value
+
+
+def test_the_divergence_error_names_the_batch_and_its_rate_not_the_epochs_last():
+    """Under one-cycle the rate changes every batch: the error names the first batch whose
+    loss was NaN (the 5th: epoch 1, batch 2 of 3) and that batch's rate."""
+    learn = new_learner()
+    training.replace_loss(learn, NaNFrom(learn.loss_func, first=5))
+    with pytest.raises(FloatingPointError) as info, learn.no_bar(), learn.no_logging():
+        learn.fit_one_cycle(4, lr_max=1e-2)  # both groups at one rate
+    message, rates = str(info.value), learn.recorder.lrs  # the rate of each batch
+    assert "became nan in epoch 1 (first in batch 2 of 3)" in message, message
+    assert f"diverged at learning rate {rates[4]:.3g} and {rates[4]:.3g} " in message, message
+    assert f"{rates[5]:.3g}" != f"{rates[4]:.3g}"  # the epoch's last rate is another
 
 
 def _cut(path: Path, how: str) -> None:

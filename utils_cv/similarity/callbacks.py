@@ -84,7 +84,7 @@ class LossStatsCallback(Callback):
     "loss_softmax". Entries that are not numbers are ignored. Epochs are counted across
     fits (a warm-up fit and the main fit form one history); the lr finder's are skipped.
     A training loss that became NaN or inf stops the fit at the end of that epoch with a
-    FloatingPointError that names the learning rates.
+    FloatingPointError that names the first such batch and the learning rates it had.
 
     Attributes:
         history: one dict per epoch: "epoch", "train_loss" (fastai's smoothed loss at the
@@ -103,10 +103,16 @@ class LossStatsCallback(Callback):
     def before_epoch(self):
         self._sums: dict[str, float] = {}
         self._counts: dict[str, int] = {}
+        self._losses: list[torch.Tensor] = []  # each batch's, kept on the device: no sync
+        self._rates: list[list[float]] = []
 
     def after_loss(self):
+        if not self.training:
+            return
+        self._losses.append(self.learn.loss.detach().reshape(()))
+        self._rates.append([group["lr"] for group in self.opt.hypers])
         stats = getattr(self.learn.loss_func, "stats", None)
-        if not self.training or not stats:
+        if not stats:
             return
         for name, value in _flat_numbers(stats):
             self._sums[name] = self._sums.get(name, 0.0) + value
@@ -117,11 +123,14 @@ class LossStatsCallback(Callback):
         # epoch (before validation embeds with the broken weights) sees every batch.
         loss = float(self.recorder.smooth_loss.value)
         if not math.isfinite(loss):
-            rates = " and ".join(f"{group['lr']:.3g}" for group in self.opt.hypers)
+            bad = (~torch.isfinite(torch.stack(self._losses))).nonzero()
+            batch = int(bad[0]) if len(bad) else len(self._losses) - 1
+            rates = " and ".join(f"{rate:.3g}" for rate in self._rates[batch])
             raise FloatingPointError(
-                f"the training loss became {loss} in epoch {self._epochs_done}: the training "
-                f"diverged at learning rate {rates} (model and loss groups); lower the "
-                "learning rate, e.g. ten times, or pick one with learn.lr_find()"
+                f"the training loss became {loss} in epoch {self._epochs_done} (first in batch "
+                f"{batch + 1} of {len(self._losses)}): the training diverged at learning rate "
+                f"{rates} (model and loss groups); lower the learning rate, e.g. ten times, or "
+                "pick one with learn.lr_find()"
             )
 
     def after_epoch(self):
