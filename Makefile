@@ -30,7 +30,7 @@ $(LAB_OVERRIDES): .jupyter/lab/settings/overrides.json $(STAMP)
 
 $(STAMP): pyproject.toml $(LOCK)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet --upgrade -c $(LOCK) pip
 	$(BIN)/python -m pip install --quiet -c $(LOCK) -e ".[dev]"
 	@# Strip notebook outputs on commit (a git filter, attributes in the tracked .gitattributes,
 	@# which exempts notebooks/recipes.ipynb); harmless outside a git checkout.
@@ -38,7 +38,8 @@ $(STAMP): pyproject.toml $(LOCK)
 	@touch $(STAMP)
 
 # Refresh $(LOCK): the newest versions pyproject.toml allows, resolved in a scratch
-# environment (so nothing installed by hand creeps in), written as name==version pins.
+# environment (so nothing installed by hand creeps in), written as name==version pins, pip
+# and setuptools included (make env installs that pip before anything else).
 LOCK_VENV := .venv-lock
 lock:
 	rm -rf $(LOCK_VENV) && $(PYTHON) -m venv $(LOCK_VENV)
@@ -46,8 +47,7 @@ lock:
 	$(LOCK_VENV)/bin/python -m pip install --quiet -e ".[dev]"
 	{ echo "# The exact versions that passed \`make test\` (Python $$($(LOCK_VENV)/bin/python -c 'import platform; print(platform.python_version())'), $$(uname -sm))."; \
 	  echo "# make env installs them (pip -c); refresh with \`make lock\`, then run make test and commit."; \
-	  $(LOCK_VENV)/bin/python -m pip list --format=freeze --exclude-editable \
-	    | grep -v -E '^(pip|setuptools|wheel)=='; } > $(LOCK).new
+	  $(LOCK_VENV)/bin/python -m pip list --format=freeze --exclude-editable; } > $(LOCK).new
 	mv $(LOCK).new $(LOCK) && rm -rf $(LOCK_VENV)
 	@echo "Wrote $(LOCK); now run make test, and commit it if it passes."
 

@@ -88,6 +88,10 @@ def test_make_env_and_environment_yml_install_the_lock():
     )
     assert "-c $(LOCK)" in install, install
     assert f"- -c {LOCK.name}" in (ROOT / "environment.yml").read_text()
+    # pip itself is pinned and installed first, so a new pip release changes nothing
+    upgrade = next(line for line in makefile.splitlines() if line.rstrip().endswith(" pip"))
+    assert "BIN" in upgrade and "-c $(LOCK)" in upgrade, upgrade
+    assert {"pip", "setuptools"} <= _pins().keys()
 
 
 def test_the_lock_matches_this_environment():
