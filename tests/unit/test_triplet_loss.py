@@ -377,13 +377,31 @@ def test_a_non_finite_embedding_gives_a_nan_loss(mining, bad):
 
 @pytest.mark.parametrize("mining", ["batch_all", "semi_hard"])
 def test_exact_ties_break_the_same_way_in_any_batch_order(mining):
-    """d(0, 1) = d(0, -1) = 1 exactly. The distances were computed around the column means,
-    summed in batch order: swapping two rows changed their rounding, broke such ties the
-    other way, and changed these losses by 5 and 10 %. Sorted first, the means (and all
-    distances) are the same to the last bit in any order."""
+    """d(0, 1) = d(0, -1) = 1 exactly. Distances computed around column means summed in
+    batch order once changed their rounding when two rows swapped, broke such ties the other
+    way, and changed these losses by 5 and 10 %."""
     x = torch.tensor([0.0, 1, -1, 0.1, -1, -1, -1, -1, -1, -0.1, -1, -0.1])[:, None]
     labels = torch.arange(3).repeat_interleave(4)
     order = [*range(10), 11, 10]
     loss = TripletLoss(0.2, mining=mining)
     assert loss(x[order], labels[order]).item() == loss(x, labels).item()
     assert torch.equal(loss.distances(x[order]), loss.distances(x)[order][:, order])
+
+
+@pytest.mark.parametrize("squared", [False, True])
+def test_distances_follow_the_batch_order_to_the_last_bit_and_equal_points_are_0_apart(squared):
+    """From |x|^2 + |y|^2 - 2 x.y, a pair's rounding depended on its place in the matrix
+    product (MKL on an AMD EPYC), and equal embeddings lay about 1e-4 apart."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 64, generator=generator)
+    x[10:20] = x[5]
+    order = torch.randperm(40, generator=generator)
+    loss = TripletLoss(squared=squared)
+    dist = loss.distances(x)
+    assert torch.equal(loss.distances(x[order]), dist[order][:, order])
+    assert torch.equal(dist, dist.T)
+    floor = 0.0 if squared else 1e-6 * 2.0 ** math.floor(math.log2(x.abs().max()))  # the clamp
+    assert (dist[5, 10:20] == floor).all() and (dist[10:20, 10:20] == floor).all()
+    naive = torch.cdist(x.double(), x.double()) ** (2 if squared else 1)
+    apart = naive > 1e-3  # every pair of distinct points
+    torch.testing.assert_close(dist.double()[apart], naive[apart], rtol=1e-5, atol=0)

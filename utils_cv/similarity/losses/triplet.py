@@ -192,17 +192,23 @@ class TripletLoss(nn.Module):
             peak = x.detach().abs().max()
             scale = torch.where(peak > 0, torch.exp2(torch.log2(peak).floor()), 1.0)
             x = x / scale
-            # Each distance from the difference of its two embeddings, not from |x|^2 + |y|^2
-            # - 2 x.y: the rounding of a matrix product depends on where a pair sits in it
-            # (on some BLAS builds), and its cancellation left coinciding points about 1e-4
-            # apart. This way equal points are exactly 0 apart, and every distance is the
-            # same to the last bit in any batch order, so semi-hard and batch-all mining
-            # break exact ties (d_an = d_ap) the same way whatever the order.
-            dist = torch.cdist(x, x, compute_mode="donot_use_mm_for_euclid_dist")
+            # The values from the difference of each pair of embeddings, not from |x|^2 +
+            # |y|^2 - 2 x.y: the rounding of a matrix product depends on where a pair sits in
+            # it (on some BLAS builds), and its cancellation left coinciding points about 1e-4
+            # apart. So equal points are exactly 0 apart, and every distance is the same to
+            # the last bit in any batch order: semi-hard and batch-all mining break exact ties
+            # (d_an = d_ap) the same way whatever the order. The gradient, 2 (x_i - x_j) for
+            # a squared distance, flows through the product form (same value, plus exactly
+            # 0): cdist's own backward would hold N x N x D numbers on a GPU.
+            with torch.no_grad():
+                exact = torch.cdist(x, x, compute_mode="donot_use_mm_for_euclid_dist").square()
+            norms = (x * x).sum(dim=1)
+            product = norms[:, None] + norms[None, :] - 2 * x @ x.T
+            squared = exact + (product - product.detach())
         if self.squared:
-            return dist * dist * scale * scale
+            return squared * scale * scale
         # sqrt has an infinite slope at 0; clamping keeps gradients finite where points meet.
-        return dist.clamp(min=1e-6) * scale
+        return squared.clamp(min=1e-12).sqrt() * scale
 
     def _hinge(self, diff: torch.Tensor) -> torch.Tensor:
         """Loss per triplet from d(a, p) - d(a, n)."""
