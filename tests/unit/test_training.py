@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -347,6 +349,10 @@ def test_lr_find_runs_and_leaves_the_history_alone():
         suggestion = learn.lr_find(num_it=8, show_plot=False)
     assert suggestion.valley > 0
     assert learn.retrieval.history == []
+    # its scratch folder in $TMPDIR must not be importable: named utils_cv, it shadowed the
+    # package for scripts run from there (an empty namespace package, no __version__)
+    assert learn.path.parent == Path(tempfile.gettempdir())
+    assert not learn.path.name.isidentifier() and (learn.path / "models").is_dir()
 
 
 def test_summary_runs_with_the_validation_loop_skipped():

@@ -308,8 +308,10 @@ def make_learner(
         lr=1e-3 if lr_groups is None else np.array(lr_groups, dtype=float),
         splitter=model_loss_splitter,
         wd=wd,
-        # fastai's scratch files (the lr finder's) go to a temporary folder, not the notebook's.
-        path=Path(tempfile.gettempdir()) / "utils_cv",
+        # fastai's scratch files (the lr finder's) go to a temporary folder, not the notebook's,
+        # named so that it cannot be imported: a "utils_cv" folder there became a namespace
+        # package that shadowed this one for any script run from that folder.
+        path=Path(tempfile.gettempdir()) / "utils_cv-fastai",
         cbs=[SkipValidationLoop()],
     )
     if world_size > 1:
