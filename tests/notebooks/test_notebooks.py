@@ -15,9 +15,9 @@ from papermill.exceptions import PapermillExecutionError
 
 from tests.image_folders import snapshot, write_image_folder
 from utils_cv.similarity import budget, claims, compare
+from utils_cv.similarity.backbones import create_backbone
 from utils_cv.similarity.datasets import load_dataset
 from utils_cv.similarity.datasets.fashion_mnist import FASHION_MNIST_DEBIAN
-from utils_cv.similarity.models import create_backbone
 from utils_cv.similarity.presets import IMAGENET, SCRATCH, preset_config
 
 from .notebook_runner import (

@@ -12,14 +12,8 @@ from torch import nn
 from torchvision.models import GoogLeNet_Weights, ResNet18_Weights
 
 from utils_cv.common.device import set_seed
-from utils_cv.similarity.models import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    EmbeddingNet,
-    create_backbone,
-    embed,
-    weights_file,
-)
+from utils_cv.similarity.backbones import IMAGENET_MEAN, IMAGENET_STD, create_backbone, weights_file
+from utils_cv.similarity.models import EmbeddingNet, embed
 
 
 @pytest.mark.parametrize(

@@ -12,8 +12,8 @@ import torch
 
 from tests.image_folders import pattern
 from utils_cv.similarity import compare
+from utils_cv.similarity.backbones import BACKBONES
 from utils_cv.similarity.datasets import write_cub_layout, write_inshop_layout
-from utils_cv.similarity.models import BACKBONES
 from utils_cv.similarity.paper import (
     DATASETS,
     FIELDS,

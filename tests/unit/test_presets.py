@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tests.image_folders import write_image_folder
-from utils_cv.similarity.models import efficientnet_lite0_state_dict
+from utils_cv.similarity.backbones import efficientnet_lite0_state_dict
 from utils_cv.similarity.presets import (
     IMAGENET,
     NOTEBOOK_PRESETS,

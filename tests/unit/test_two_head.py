@@ -8,9 +8,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from utils_cv.common.device import set_seed
+from utils_cv.similarity.backbones import IMAGENET_MEAN, IMAGENET_STD
 from utils_cv.similarity.datasets import ImageData
 from utils_cv.similarity.losses import RankingRegularizedLoss, TripletLoss
-from utils_cv.similarity.models import IMAGENET_MEAN, IMAGENET_STD, ModelOutput, TwoHeadNet, embed
+from utils_cv.similarity.models import ModelOutput, TwoHeadNet, embed
 from utils_cv.similarity.runner import train_run
 
 # backbone, image_size, and the final conv map (channels, h, w) that size gives.

@@ -39,6 +39,7 @@ import torch
 
 from utils_cv.common.results import rounded, write_atomic
 from utils_cv.similarity import compare
+from utils_cv.similarity.backbones import BACKBONES
 from utils_cv.similarity.binary import binarize
 from utils_cv.similarity.datasets import (
     FileList,
@@ -49,7 +50,6 @@ from utils_cv.similarity.datasets import (
     load_sop,
 )
 from utils_cv.similarity.metrics import retrieval_metrics
-from utils_cv.similarity.models import BACKBONES
 from utils_cv.similarity.presets import Setting
 
 LOADERS = {"cub": load_cub, "cars196": load_cars196, "sop": load_sop, "inshop": load_inshop}
