@@ -27,7 +27,7 @@ import warnings
 from pathlib import Path
 
 from utils_cv.common.device import describe_device
-from utils_cv.similarity import compare
+from utils_cv.similarity import compare, record_files
 from utils_cv.similarity.presets import SETTING_NAMES, lesson_settings, preset_config
 
 
@@ -44,7 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seeds", nargs="+", type=int, help="default: the preset's")
     parser.add_argument("--dataset", default="emoji")
     parser.add_argument("--data-dir", type=Path)
-    parser.add_argument("--results", type=Path, default=compare.RESULTS_DIR)
+    parser.add_argument("--results", type=Path, default=record_files.RESULTS_DIR)
     parser.add_argument("--workers", type=int, help="trainings at once; default: the preset's")
     parser.add_argument("--allow-dirty", action="store_true",
                         help="write results from a checkout with uncommitted changes")  # fmt: skip
@@ -54,7 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     warnings.simplefilter("once")  # a repeated warning (small classes, few val classes) once
-    commit = compare.git_commit()
+    commit = record_files.git_commit()
     if commit["dirty"] and not args.allow_dirty:
         print("the checkout has uncommitted changes: stored results must name the commit that "
               "made them. Commit first, or pass --allow-dirty to try things.", file=sys.stderr)  # fmt: skip

@@ -32,7 +32,7 @@ import tempfile
 from pathlib import Path
 
 from utils_cv.common.results import write_atomic
-from utils_cv.similarity.compare import environment
+from utils_cv.similarity.record_files import environment
 
 
 def launch_command(processes: int, args: argparse.Namespace, out: Path) -> list[str]:

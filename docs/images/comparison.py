@@ -16,7 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from utils_cv.similarity import compare  # noqa: E402
+from utils_cv.similarity import compare, record_files  # noqa: E402
 from utils_cv.similarity.presets import IMAGENET, SCRATCH  # noqa: E402
 
 OUT = Path(__file__).with_suffix(".png")
@@ -25,7 +25,7 @@ OUT = Path(__file__).with_suffix(".png")
 def main() -> None:
     records = [
         r
-        for r in compare.load_results(compare.RESULTS_DIR, "cpu")
+        for r in compare.load_results(record_files.RESULTS_DIR, "cpu")
         if r["method"] in compare.METHODS
     ]
     rows = compare.result_rows(records)

@@ -14,7 +14,7 @@ import pytest
 from papermill.exceptions import PapermillExecutionError
 
 from tests.image_folders import snapshot, write_image_folder
-from utils_cv.similarity import budget, claims, compare
+from utils_cv.similarity import budget, claims, compare, record_files
 from utils_cv.similarity.backbones import create_backbone
 from utils_cv.similarity.datasets import load_dataset
 from utils_cv.similarity.datasets.fashion_mnist import FASHION_MNIST_DEBIAN
@@ -411,7 +411,7 @@ def test_notebook_07_refuses_a_stored_result_edited_by_hand(comparison_07, tmp_p
     reread = {"PRESET": "smoke", "RESULTS_DIR": str(results), "TRAIN_MISSING": False}
     with pytest.raises(PapermillExecutionError, match="changed after it was made"):
         run_notebook(name, tmp_path / "edited", **reread)
-    record["checksum"] = compare.checksum(record)
+    record["checksum"] = record_files.checksum(record)
     path.write_text(json.dumps(record))
     with pytest.raises(PapermillExecutionError, match="outside the stored spread"):
         run_notebook(name, tmp_path / "resealed", **reread)

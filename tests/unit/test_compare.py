@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from tests.image_folders import write_image_folder
-from utils_cv.similarity import compare
+from utils_cv.similarity import compare, record_files
 from utils_cv.similarity.presets import IMAGENET, SCRATCH, lesson_settings, preset_config
 
 BENCHMARKS = Path(__file__).parents[2] / "benchmarks"
@@ -168,7 +168,7 @@ def test_a_record_holds_what_the_notebook_reports(record, settings, config):
     assert record["binary_bytes_per_image"] == config["embedding_size"] // 8
     assert 0 <= record["binary_metrics"]["recall@1"] <= 1
     assert {"torch", "commit", "machine", "device"} <= set(record["environment"])
-    assert record["checksum"] == compare.checksum(record)
+    assert record["checksum"] == record_files.checksum(record)
     rows = compare.result_rows([record])
     assert [r["method"] for r in rows] == ["norm_softmax", "norm_softmax (binary)"]
     assert rows[1]["bytes/image"] == config["embedding_size"] // 8
@@ -186,9 +186,9 @@ def test_the_fingerprint_follows_the_data(settings):
 
 
 def test_stored_records_round_trip_and_refuse_hand_edits(record, tmp_path, config, settings):
-    path = compare.save_record(tmp_path, record)
-    assert path == compare.result_path(tmp_path, "smoke", SCRATCH, "norm_softmax", 0)
-    assert compare.read_record(path) == record
+    path = record_files.save_record(tmp_path, record)
+    assert path == record_files.result_path(tmp_path, "smoke", SCRATCH, "norm_softmax", 0)
+    assert record_files.read_record(path) == record
     assert compare.load_results(tmp_path, "smoke", config=config) == [record]
     fingerprint = record["data"]["fingerprint"]
     at = settings[SCRATCH]
@@ -201,31 +201,31 @@ def test_stored_records_round_trip_and_refuse_hand_edits(record, tmp_path, confi
     edited = json.loads(path.read_text())
     edited["metrics"]["recall@1"] = round(edited["metrics"]["recall@1"] + 0.1, 5)
     path.write_text(json.dumps(edited))
-    with pytest.raises(compare.StoredResultError, match="edited by hand|changed after"):
-        compare.read_record(path)
+    with pytest.raises(record_files.StoredResultError, match="edited by hand|changed after"):
+        record_files.read_record(path)
     fingerprint = record["data"]["fingerprint"]
     assert (
         compare.stored_record(tmp_path, config, settings[SCRATCH], "norm_softmax", 0, fingerprint)
         is None
     )
     path.write_text("{not json")
-    with pytest.raises(compare.StoredResultError, match="cannot be read"):
+    with pytest.raises(record_files.StoredResultError, match="cannot be read"):
         compare.load_results(tmp_path, "smoke")
 
 
 def test_results_on_other_data_or_another_protocol_are_refused(record, tmp_path, config):
-    compare.save_record(tmp_path, record)
-    with pytest.raises(compare.StoredResultError, match="other data"):
+    record_files.save_record(tmp_path, record)
+    with pytest.raises(record_files.StoredResultError, match="other data"):
         compare.load_results(tmp_path, "smoke", fingerprints={SCRATCH: "0" * 64})
-    with pytest.raises(compare.StoredResultError, match=r"another protocol.*'margin'"):
+    with pytest.raises(record_files.StoredResultError, match=r"another protocol.*'margin'"):
         compare.load_results(tmp_path, "smoke", config=config | {"margin": 0.1})
     # a setting the caller did not load is not checked against it
     assert compare.load_results(tmp_path, "smoke", fingerprints={IMAGENET: "0" * 64})
 
 
 def test_a_record_that_does_not_match_its_checksum_is_not_saved(record, tmp_path):
-    with pytest.raises(compare.StoredResultError, match="checksum"):
-        compare.save_record(tmp_path, record | {"seed": 5})
+    with pytest.raises(record_files.StoredResultError, match="checksum"):
+        record_files.save_record(tmp_path, record | {"seed": 5})
 
 
 def test_the_script_trains_what_is_missing_and_nothing_twice(folder, tmp_path, monkeypatch):
@@ -243,7 +243,7 @@ def test_the_script_trains_what_is_missing_and_nothing_twice(folder, tmp_path, m
         return real(method, setting, config, seed, ee_base, fingerprint)
 
     monkeypatch.setattr(compare, "train_method", counting)
-    monkeypatch.setattr(compare, "git_commit", lambda: {"commit": "abc", "dirty": False})
+    monkeypatch.setattr(record_files, "git_commit", lambda: {"commit": "abc", "dirty": False})
     args = ["--preset", "smoke", "--dataset", str(folder), "--results", str(tmp_path),
             "--settings", "scratch", "--methods", "batch_hard", "ee-8_points", "multi_similarity",
             "ee", "norm_softmax-s2", "--seeds", "0"]  # fmt: skip
@@ -258,7 +258,7 @@ def test_the_script_trains_what_is_missing_and_nothing_twice(folder, tmp_path, m
         stored = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.json"))
         assert stored == sorted(f"smoke/from_scratch/{m}/seed0.json" for m in (
             "batch_hard", "ee", "ee-8_points", "multi_similarity", "norm_softmax-s2"))  # fmt: skip
-        ablation = compare.read_record(tmp_path / stored[-1])
+        ablation = record_files.read_record(tmp_path / stored[-1])
         assert ablation["ablation"] == {"samples_per_class": 2}
         assert ablation["batches"].endswith("x 2 images") and "binary_metrics" in ablation
         assert script.main(args) == 0  # resumed: everything is stored
@@ -269,7 +269,7 @@ def test_the_script_trains_what_is_missing_and_nothing_twice(folder, tmp_path, m
     # an ablation whose change is not the one stored is refused
     changed = ("norm_softmax", {"samples_per_class": 4})
     monkeypatch.setitem(compare.ABLATIONS, "norm_softmax-s2", changed)
-    with pytest.raises(compare.StoredResultError, match="ablation"):
+    with pytest.raises(record_files.StoredResultError, match="ablation"):
         compare.load_results(tmp_path, "smoke")
 
 
@@ -279,6 +279,6 @@ def test_the_script_refuses_a_dirty_checkout(monkeypatch, tmp_path, capsys):
         import compare as script
     finally:
         sys.path.remove(str(BENCHMARKS))
-    monkeypatch.setattr(compare, "git_commit", lambda: {"commit": "abc", "dirty": True})
+    monkeypatch.setattr(record_files, "git_commit", lambda: {"commit": "abc", "dirty": True})
     assert script.main(["--results", str(tmp_path)]) == 2
     assert "uncommitted changes" in capsys.readouterr().err

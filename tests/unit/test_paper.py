@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tests.image_folders import pattern
-from utils_cv.similarity import compare
+from utils_cv.similarity import compare, record_files
 from utils_cv.similarity.backbones import BACKBONES
 from utils_cv.similarity.datasets import write_cub_layout, write_inshop_layout
 from utils_cv.similarity.paper import (
@@ -144,8 +144,8 @@ def test_cub_run_writes_a_checksummed_record_and_the_comparison(tmp_path):
     argv = ["--recipe", "norm_softmax_512", "--dataset", "cub", "--root", str(root),
             "--out", str(out), "--epochs", "3", "--samples-per-class", "4", *OVERRIDES]  # fmt: skip
     assert run(argv) == 0
-    path = compare.result_path(out, "norm_softmax_512", "cub", "norm_softmax", 0)
-    record = compare.read_record(path)  # compare.py's own checksum check
+    path = record_files.result_path(out, "norm_softmax_512", "cub", "norm_softmax", 0)
+    record = record_files.read_record(path)  # compare.py's own checksum check
     assert (record["recipe"], record["dataset"], record["evaluation"]) == (
         "norm_softmax_512",
         "cub",
@@ -167,8 +167,8 @@ def test_cub_run_writes_a_checksummed_record_and_the_comparison(tmp_path):
     assert "| norm_softmax_512 | cub | 0 | all |" in (out / "comparison.md").read_text()
     record["metrics"]["recall@1"] += 0.5  # an edit the checksum catches
     path.write_text(json.dumps(record))
-    with pytest.raises(compare.StoredResultError, match="checksum"):
-        compare.read_record(path)
+    with pytest.raises(record_files.StoredResultError, match="checksum"):
+        record_files.read_record(path)
 
 
 def test_inshop_run_searches_the_queries_in_the_gallery(tmp_path):
@@ -178,7 +178,9 @@ def test_inshop_run_searches_the_queries_in_the_gallery(tmp_path):
     argv = ["--recipe", "proxy_nca", "--dataset", "inshop", "--root", str(root),
             "--out", str(out), "--epochs", "1", *OVERRIDES]  # fmt: skip
     assert run(argv) == 0
-    record = compare.read_record(compare.result_path(out, "proxy_nca", "inshop", "proxy_nca", 0))
+    record = record_files.read_record(
+        record_files.result_path(out, "proxy_nca", "inshop", "proxy_nca", 0)
+    )
     assert record["evaluation"] == "query->gallery"
     # 4 test items of 4 images: 2 queries each, searched among the 2 gallery images each.
     assert record["metrics"]["num_queries"] == 8

@@ -19,7 +19,7 @@ budget and the last epoch is kept (``--val-fraction`` holds out training classes
 epoch instead); the official test split is used once at the end: In-Shop's queries searched
 in its gallery (``cross_domain_views``), the other benchmarks' test images among themselves.
 ``DIR`` receives notebook 07's record (``compare.make_record``, checksummed, at
-``compare.result_path(DIR, <recipe>, <dataset>, <method>, <seed>)``), the weights beside it
+``record_files.result_path(DIR, <recipe>, <dataset>, <method>, <seed>)``), the weights beside it
 (``.pt``), and ``comparison.json`` / ``comparison.md``: the paper's Recall@1 beside ours.
 """
 
@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from utils_cv.common.results import rounded, write_atomic
-from utils_cv.similarity import compare
+from utils_cv.similarity import compare, record_files
 from utils_cv.similarity.backbones import BACKBONES
 from utils_cv.similarity.binary import binarize
 from utils_cv.similarity.datasets import (
@@ -368,8 +368,8 @@ def train_recipe(
     if "binary_metrics" in record:  # make_record searches all test images; In-Shop: query->gallery
         binary, _ = evaluate(binarize(run.embeddings), test, ks, metric="hamming")
         record["binary_metrics"] = rounded(binary, 5)
-    record["checksum"] = compare.checksum(record)
-    path = compare.save_record(out, record)
+    record["checksum"] = record_files.checksum(record)
+    path = record_files.save_record(out, record)
     torch.save(run.model.state_dict(), path.with_suffix(".pt"))
     return write_comparison(out, record, spec)
 
@@ -386,7 +386,7 @@ def write_comparison(out: str | os.PathLike, record: dict[str, Any], spec: dict[
         "evaluation": record["evaluation"], "ours_recall@1": round(ours, 1),
         "paper_recall@1": paper, "difference": None if paper is None else round(ours - paper, 1),
         "source": spec["source"], "overrides": record["overrides"],
-        "record": str(compare.result_path(out, record["preset"], dataset, record["method"],
+        "record": str(record_files.result_path(out, record["preset"], dataset, record["method"],
                                           record["seed"]).relative_to(out)),
     }  # fmt: skip
     if "binary_metrics" in record:
