@@ -344,7 +344,7 @@ def test_loss_and_gradients_stay_finite_for_tiny_and_huge_embeddings(mining, nor
         loss.backward()
         assert torch.isfinite(loss) and torch.isfinite(embeddings.grad).all()
         # The distances scale with the embeddings (off the diagonal: a point's distance to
-        # itself is rounding noise, which no mining uses).
+        # itself is the clamp's floor, which scales by a power of two, and no mining uses it).
         off = ~torch.eye(16, dtype=torch.bool)
         reference = TripletLoss(squared=squared).distances(unit)[off]
         scaled = TripletLoss(squared=squared).distances(unit * norm)[off]
@@ -400,8 +400,30 @@ def test_distances_follow_the_batch_order_to_the_last_bit_and_equal_points_are_0
     dist = loss.distances(x)
     assert torch.equal(loss.distances(x[order]), dist[order][:, order])
     assert torch.equal(dist, dist.T)
-    floor = 0.0 if squared else 1e-6 * 2.0 ** math.floor(math.log2(x.abs().max()))  # the clamp
+    centred = x - x.sort(dim=0).values.mean(dim=0)  # as distances() centres, then scales
+    floor = 0.0 if squared else 1e-6 * 2.0 ** math.floor(math.log2(centred.abs().max()))
     assert (dist[5, 10:20] == floor).all() and (dist[10:20, 10:20] == floor).all()
     naive = torch.cdist(x.double(), x.double()) ** (2 if squared else 1)
     apart = naive > 1e-3  # every pair of distinct points
     torch.testing.assert_close(dist.double()[apart], naive[apart], rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("mining", ["batch_all", "batch_hard"])
+def test_gradients_stay_accurate_when_embeddings_crowd_together(mining):
+    """Unit vectors within 1e-6 of one point (a collapse): the gradient flows through
+    |x|^2 + |y|^2 - 2 x.y, which without centring lost two digits to cancellation here."""
+    generator = torch.Generator().manual_seed(0)
+    centre = F.normalize(torch.randn(1, 128, generator=generator), dim=1)
+    x = F.normalize(centre + 1e-6 * torch.randn(32, 128, generator=generator), dim=1)
+    labels = torch.arange(8).repeat_interleave(4)
+    ours = x.clone().requires_grad_()
+    TripletLoss(2.0, mining)(ours, labels).backward()  # margin 2: every triplet active
+    reference = x.double().requires_grad_()
+    dist = torch.cdist(reference, reference).clamp(min=1e-6)
+    TripletLoss(2.0, mining).from_distances(
+        dist,
+        (labels[:, None] == labels) & ~torch.eye(32, dtype=torch.bool),
+        labels[:, None] != labels,
+    ).backward()
+    error = (ours.grad.double() - reference.grad).norm() / reference.grad.norm()
+    assert error < 1e-4, error

@@ -184,6 +184,11 @@ class TripletLoss(nn.Module):
         # Mixed precision would compute the distances in 16 bits: use float32 or better.
         with torch.autocast(embeddings.device.type, enabled=False):
             x = embeddings.to(torch.promote_types(embeddings.dtype, torch.float32))
+            # Distances do not change under a shift; centring shrinks the norms and with them
+            # the rounding of the gradient, which flows through |x|^2 + |y|^2 - 2 x.y (below)
+            # and matters most when embeddings crowd together (collapse). The mean of the
+            # sorted columns is the same to the last bit in any batch order.
+            x = x - x.detach().sort(dim=0).values.mean(dim=0, keepdim=True)
             # Scaled by the power of two at or below the largest coordinate, which is exact: the
             # squares of embeddings as large as 1e20 would overflow float32 (inf - inf = NaN).
             # Rounding down keeps the scale finite up to float32's largest number. Scaled back
