@@ -190,6 +190,9 @@ def test_a_file_list_catalogue_gives_its_crop_to_the_queries(tmp_path):
     assert found["path"] == str(paths[4]) and found["distance"] < 1e-5
     with pytest.raises(ValueError, match="crop_pct=1.0 but the FileList crops at 0.875"):
         index_images(model, files, image_size=24, crop_pct=1.0)
+    for bad in (0, 1.5):
+        with pytest.raises(ValueError, match=f"crop_pct={bad} must be in"):
+            index_images(model, files.load(24), image_size=24, crop_pct=bad)
 
 
 def catalogue_data(size=24, count=12):

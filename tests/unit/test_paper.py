@@ -145,7 +145,7 @@ def test_cub_run_writes_a_checksummed_record_and_the_comparison(tmp_path):
             "--out", str(out), "--epochs", "3", "--samples-per-class", "4", *OVERRIDES]  # fmt: skip
     assert run(argv) == 0
     path = record_files.result_path(out, "norm_softmax_512", "cub", "norm_softmax", 0)
-    record = record_files.read_record(path)  # compare.py's own checksum check
+    record = record_files.read_record(path)  # the stored records' own checksum check
     assert (record["recipe"], record["dataset"], record["evaluation"]) == (
         "norm_softmax_512",
         "cub",

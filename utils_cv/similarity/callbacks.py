@@ -73,6 +73,9 @@ def _gathering_preds(learn: Learner) -> bool:
     return hasattr(learn, "gather_preds")
 
 
+_NONE = 2**62  # LossStatsCallback's first non-finite batch before there is one
+
+
 class LossStatsCallback(Callback):
     """Record the training loss and average a loss module's ``stats`` over each epoch.
 
@@ -103,13 +106,17 @@ class LossStatsCallback(Callback):
     def before_epoch(self):
         self._sums: dict[str, float] = {}
         self._counts: dict[str, int] = {}
-        self._losses: list[torch.Tensor] = []  # each batch's, kept on the device: no sync
+        # The first batch whose loss was not finite (_NONE: none yet), kept on the loss's
+        # device so that no batch waits for a sync; and each batch's learning rates.
+        self._first_bad: torch.Tensor | None = None
         self._rates: list[list[float]] = []
 
     def after_loss(self):
         if not self.training:
             return
-        self._losses.append(self.learn.loss.detach().reshape(()))
+        loss, batch = self.learn.loss.detach(), len(self._rates)
+        bad = torch.where(torch.isfinite(loss).all(), _NONE, batch)
+        self._first_bad = bad if self._first_bad is None else torch.minimum(self._first_bad, bad)
         self._rates.append([group["lr"] for group in self.opt.hypers])
         stats = getattr(self.learn.loss_func, "stats", None)
         if not stats:
@@ -123,12 +130,12 @@ class LossStatsCallback(Callback):
         # epoch (before validation embeds with the broken weights) sees every batch.
         loss = float(self.recorder.smooth_loss.value)
         if not math.isfinite(loss):
-            bad = (~torch.isfinite(torch.stack(self._losses))).nonzero()
-            batch = int(bad[0]) if len(bad) else len(self._losses) - 1
+            first = _NONE if self._first_bad is None else int(self._first_bad)
+            batch = first if first < _NONE else len(self._rates) - 1
             rates = " and ".join(f"{rate:.3g}" for rate in self._rates[batch])
             raise FloatingPointError(
                 f"the training loss became {loss} in epoch {self._epochs_done} (first in batch "
-                f"{batch + 1} of {len(self._losses)}): the training diverged at learning rate "
+                f"{batch + 1} of {len(self._rates)}): the training diverged at learning rate "
                 f"{rates} (model and loss groups); lower the learning rate, e.g. ten times, or "
                 "pick one with learn.lr_find()"
             )

@@ -13,10 +13,11 @@ with S = 4 0.325 against 0.431 with random batches, notebook 03), which would co
 sampler, not the losses.
 
 A training leaves one small JSON record (``make_record``; its file format, checksum and
-provenance are ``record_files``): the protocol, the versions, the git commit, the machine, the
-data's fingerprint, the test metrics, the per-epoch history and a checksum of all that. ``load_results`` refuses a record whose checksum, data or protocol
-does not match, so results made on other data, under another protocol or edited by hand
-never mix with the others.
+provenance are ``record_files``): the protocol, the versions, the git commit, the machine,
+the data's fingerprint, the test metrics, the per-epoch history and a checksum of all that.
+``load_results`` refuses a record whose checksum, data or protocol does not match, so
+results made on other data, under another protocol or edited by hand never mix with the
+others.
 
 >>> config = preset_config("cpu", notebook="07_method_comparison")  # doctest: +SKIP
 >>> settings = lesson_settings(config, "emoji")  # doctest: +SKIP
