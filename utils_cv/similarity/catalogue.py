@@ -21,7 +21,13 @@ from collections.abc import Sequence
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from utils_cv.similarity.datasets.base import WHITE, ImageData, _resize_square, _to_tensor
+from utils_cv.similarity.datasets.base import (
+    WHITE,
+    ImageData,
+    _resize_square,
+    _to_tensor,
+    check_crop_pct,
+)
 from utils_cv.similarity.datasets.file_list import FileList
 from utils_cv.similarity.index import EmbeddingIndex, identity_values, model_identity
 from utils_cv.similarity.models import embed
@@ -71,11 +77,7 @@ def index_images(
             )
         embeddings = embed(model, data.images, device=device)
     crop_pct = 1.0 if crop_pct is None else crop_pct
-    if not 0 < crop_pct <= 1:
-        raise ValueError(
-            f"crop_pct={crop_pct} must be in (0, 1]: the share of the resized shorter side the "
-            "catalogue's images kept (1.0 unless they were loaded with FileList.crop_pct)"
-        )
+    check_crop_pct(crop_pct)
     identity = model_identity(model, image_size, name, crop_pct)
     index = EmbeddingIndex(embeddings.shape[1], kind, model=identity, **index_options)
     labels = [data.class_names[i] for i in data.labels.tolist()]

@@ -339,6 +339,15 @@ def to_rgb(image: Image.Image, background: tuple[int, int, int] = WHITE) -> Imag
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
+def check_crop_pct(crop_pct: float) -> None:
+    """ValueError unless 0 < crop_pct <= 1 (``_resize_square``'s share of the shorter side)."""
+    if not 0 < crop_pct <= 1:
+        raise ValueError(
+            f"crop_pct={crop_pct} must be in (0, 1]: the share of the resized shorter side "
+            "kept by the centre crop (0.875 for 256 -> 224)"
+        )
+
+
 def _resize_square(
     image: Image.Image,
     image_size: int,

@@ -34,6 +34,7 @@ from utils_cv.similarity.datasets.base import (
     PerImageFields,
     _resize_square,
     _to_tensor,
+    check_crop_pct,
     class_split,
 )
 
@@ -80,11 +81,7 @@ class FileList(PerImageFields):
     def __post_init__(self) -> None:
         self.root = Path(self.root)
         self._check_per_image()
-        if not 0 < self.crop_pct <= 1:
-            raise ValueError(
-                f"crop_pct={self.crop_pct} must be in (0, 1]: the share of the resized "
-                "shorter side kept by the centre crop (0.875 for 256 -> 224)"
-            )
+        check_crop_pct(self.crop_pct)
         relative = [p for p in self.paths if not os.path.isabs(p)]
         if relative:
             raise ValueError(
