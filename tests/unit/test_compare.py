@@ -174,6 +174,17 @@ def test_a_record_holds_what_the_notebook_reports(record, settings, config):
     assert rows[1]["bytes/image"] == config["embedding_size"] // 8
 
 
+def test_provenance_counts_the_records_of_each_machine(record):
+    """Seconds per epoch compare only within one machine: the machine names the processor
+    and its vector instructions, and the provenance says how many records each made."""
+    assert torch.backends.cpu.get_cpu_capability() in record["environment"]["machine"]
+    other = {**record, "environment": {**record["environment"], "machine": "another"}}
+    made = record_files.provenance([record, record, other])
+    assert made["records"] == 3
+    here = f"{record['environment']['machine']}, {record['environment']['device']}"
+    assert made["machines"] == {here: 2, f"another, {record['environment']['device']}": 1}
+
+
 def test_the_fingerprint_follows_the_data(settings):
     scratch, imagenet = settings[SCRATCH], settings[IMAGENET]
     assert compare.data_fingerprint(scratch) == compare.data_fingerprint(scratch)

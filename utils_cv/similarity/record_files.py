@@ -17,6 +17,7 @@ import os
 import platform
 import re
 import subprocess
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,19 @@ def git_commit(repository: Path = REPOSITORY) -> dict[str, Any]:
     return {"commit": git("rev-parse", "HEAD"), "dirty": None if status is None else bool(status)}
 
 
+def cpu_name() -> str:
+    """The processor's model and the vector instructions torch uses on it ("AMD EPYC, AVX512"):
+    two machines that both say "Linux x86_64, 2 CPUs" can differ by half in seconds per epoch."""
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as info:  # Linux; platform.processor() is often empty there
+            name = next(line.split(":", 1)[1].strip() for line in info
+                        if line.startswith("model name"))  # fmt: skip
+    except (OSError, StopIteration):
+        pass
+    return f"{name}, {torch.backends.cpu.get_cpu_capability()}"
+
+
 def environment() -> dict[str, Any]:
     """Where a result was made: versions, commit, machine, device."""
     import torchvision
@@ -70,7 +84,7 @@ def environment() -> dict[str, Any]:
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,
         **git_commit(),
-        "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs",
+        "machine": f"{platform.system()} {platform.machine()}, {cpu_name()}, {os.cpu_count()} CPUs",
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "threads": torch.get_num_threads(),
     }
@@ -124,7 +138,10 @@ def provenance(records: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
         "made": f"{made[0]} to {made[-1]}",
         "commits": sorted({str(e["commit"])[:12] for e in environments}),
         "uncommitted changes": any(e["dirty"] for e in environments),
-        "machines": sorted({f"{e['machine']}, {e['device']}" for e in environments}),
+        # records per machine: seconds per epoch compare only between records of one machine
+        "machines": dict(
+            sorted(Counter(f"{e['machine']}, {e['device']}" for e in environments).items())
+        ),
         "torch": sorted({e["torch"] for e in environments}),
     }
 
