@@ -43,7 +43,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from utils_cv.common.device import set_seed
+from utils_cv.common.device import cpu_model, set_seed
 from utils_cv.similarity.datasets import FileList, load_sop, write_sop_layout
 from utils_cv.similarity.file_loader import FileDataLoader
 from utils_cv.similarity.models import embed
@@ -233,7 +233,7 @@ def main() -> None:
         "sources": args.sources,
         "total_seconds": round(time.perf_counter() - start, 1),
         "machine": {
-            "cpu": _cpu_model(),
+            "cpu": cpu_model(),
             "cores": len(os.sched_getaffinity(0)),
             "torch_threads": torch.get_num_threads(),
             "platform": platform.platform(),
@@ -247,15 +247,6 @@ def main() -> None:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(line + "\n")
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        return names[0] if names else platform.processor()
-    except OSError:
-        return platform.processor()
 
 
 if __name__ == "__main__":

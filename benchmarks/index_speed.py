@@ -82,6 +82,7 @@ import numpy as np
 import torch
 
 import utils_cv
+from utils_cv.common.device import cpu_model
 from utils_cv.similarity.index import KINDS, EmbeddingIndex
 
 NPROBES = (1, 2, 4, 8, 16, 32, 64)
@@ -378,14 +379,7 @@ def speed_recall(
 
 def machine(device) -> dict:
     """The CPU model, its logical cores and the threads used (and the GPU, if any)."""
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        model = names[0] if names else model
-    except OSError:
-        pass
-    about = {"cpu": model, "logical_cpus": os.cpu_count(), "platform": platform.platform()}
+    about = {"cpu": cpu_model(), "logical_cpus": os.cpu_count(), "platform": platform.platform()}
     about |= {
         "torch_threads": torch.get_num_threads(),
         "faiss_threads": faiss.omp_get_max_threads(),

@@ -8,6 +8,7 @@ True
 from __future__ import annotations
 
 import os
+import platform
 import random
 
 import numpy as np
@@ -50,3 +51,17 @@ def describe_device(device: torch.device | str | None = None) -> str:
         memory = properties.total_memory / 2**30
         return f"{device} ({properties.name}, {memory:.0f} GiB), torch {torch.__version__}"
     return f"{device} ({torch.get_num_threads()} threads), torch {torch.__version__}"
+
+
+def cpu_model() -> str:
+    """The processor's model name ("AMD EPYC", "Intel(R) Xeon(R) ..."), for benchmark and
+    result records: on Linux from /proc/cpuinfo, where ``platform.processor()`` is often
+    empty; elsewhere ``platform.processor()`` or, failing that, the architecture."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

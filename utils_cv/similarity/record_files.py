@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 import utils_cv
+from utils_cv.common.device import cpu_model
 from utils_cv.common.results import write_atomic
 
 SCHEMA = 1
@@ -63,14 +64,7 @@ def git_commit(repository: Path = REPOSITORY) -> dict[str, Any]:
 def cpu_name() -> str:
     """The processor's model and the vector instructions torch uses on it ("AMD EPYC, AVX512"):
     two machines that both say "Linux x86_64, 2 CPUs" can differ by half in seconds per epoch."""
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as info:  # Linux; platform.processor() is often empty there
-            name = next(line.split(":", 1)[1].strip() for line in info
-                        if line.startswith("model name"))  # fmt: skip
-    except (OSError, StopIteration):
-        pass
-    return f"{name}, {torch.backends.cpu.get_cpu_capability()}"
+    return f"{cpu_model()}, {torch.backends.cpu.get_cpu_capability()}"
 
 
 def environment() -> dict[str, Any]:
