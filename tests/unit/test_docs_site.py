@@ -63,3 +63,26 @@ def test_a_staged_page_that_was_not_built_is_found(tmp_path):
 def test_the_readme_is_a_front_page():
     lines = (ROOT / "README.md").read_text().splitlines()
     assert len(lines) <= 150, f"README.md has {len(lines)} lines; move details to docs/"
+
+
+spec = importlib.util.spec_from_file_location("results_tables", ROOT / "docs" / "results_tables.py")
+results_tables = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(results_tables)
+
+
+def test_the_docs_tables_are_what_the_stored_results_give():
+    made = results_tables.tables(results_tables.stored_records())
+    assert results_tables.missing(made) == [], "run `python docs/results_tables.py` and paste"
+    assert made["verdicts"].count("\n") == 2 + len(results_tables.claims.CLAIMS) - 1
+
+
+def test_a_verdict_edited_in_the_readme_or_a_number_in_the_results_is_found(tmp_path):
+    made = results_tables.tables(results_tables.stored_records())
+    (tmp_path / "docs").mkdir()
+    results = (ROOT / "docs" / "results.md").read_text()
+    readme = (ROOT / "README.md").read_text()
+    edited = readme.replace("| reproduced | not reproduced |", "| reproduced | reproduced |", 1)
+    (tmp_path / "README.md").write_text(edited)
+    (tmp_path / "docs" / "results.md").write_text(results.replace("0.436 ± 0.013", "0.446 ± 0.013"))
+    assert edited != readme and "0.436 ± 0.013" in results
+    assert results_tables.missing(made, tmp_path) == ["methods", "claims", "verdicts"]
