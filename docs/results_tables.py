@@ -84,7 +84,9 @@ def missing(tables: Mapping[str, str], root: Path = ROOT) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
-        "--check", action="store_true", help="compare with the docs, print nothing else"
+        "--check",
+        action="store_true",
+        help="compare with the docs; print only the tables they lack",
     )
     args = parser.parse_args(argv)
     made = tables(stored_records())

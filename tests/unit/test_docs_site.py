@@ -7,6 +7,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).parents[2]
 spec = importlib.util.spec_from_file_location("site_check", ROOT / "docs" / "site" / "check.py")
 check = importlib.util.module_from_spec(spec)
@@ -70,14 +72,18 @@ results_tables = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(results_tables)
 
 
-def test_the_docs_tables_are_what_the_stored_results_give():
-    made = results_tables.tables(results_tables.stored_records())
+@pytest.fixture(scope="module")
+def made() -> dict[str, str]:
+    """The tables the stored records give, computed once for the tests below."""
+    return results_tables.tables(results_tables.stored_records())
+
+
+def test_the_docs_tables_are_what_the_stored_results_give(made):
     assert results_tables.missing(made) == [], "run `python docs/results_tables.py` and paste"
     assert made["verdicts"].count("\n") == 2 + len(results_tables.claims.CLAIMS) - 1
 
 
-def test_a_verdict_edited_in_the_readme_or_a_number_in_the_results_is_found(tmp_path):
-    made = results_tables.tables(results_tables.stored_records())
+def test_a_verdict_edited_in_the_readme_or_a_number_in_the_results_is_found(made, tmp_path):
     (tmp_path / "docs").mkdir()
     results = (ROOT / "docs" / "results.md").read_text()
     readme = (ROOT / "README.md").read_text()
