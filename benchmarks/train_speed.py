@@ -8,8 +8,14 @@ device as the notebooks hold theirs, with the same fused AdamW, the same precisi
 timed (cuDNN autotuning, the caching allocator); the clock is read after a device
 synchronisation. The two loops alternate for `--repeats` rounds and the median of each counts.
 
+Two GPU settings the notebooks do not use yet can be measured here, in both loops alike:
+`--channels-last` (the model in channels_last layout, which tensor-core convolutions prefer)
+and `--cudnn-benchmark` (cuDNN times its convolution algorithms for each input shape once and
+keeps the fastest; the shapes here never change). On the CPU neither is expected to help much.
+
     python benchmarks/train_speed.py --device cuda --backbone resnet18 --image-size 64 --batch-size 256
     python benchmarks/train_speed.py --device cuda --backbone resnet50 --image-size 224 --batch-size 128
+    python benchmarks/train_speed.py --device cuda --batch-size 128 --channels-last --cudnn-benchmark
     python benchmarks/train_speed.py          # CPU: small_cnn at 40 px, the CPU preset's model
 """
 
@@ -62,6 +68,8 @@ def synthetic_data(args, device: torch.device) -> ImageData:
 def new_model_and_loss(args, device: torch.device):
     set_seed(0)
     model = EmbeddingNet(args.backbone, embedding_size=args.embedding_size).to(device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     return model, SoftmaxLoss(args.embedding_size, args.classes).to(device)
 
 
@@ -149,6 +157,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 100 / 20)")
     parser.add_argument("--warmup", type=int, default=10, help="untimed steps first")
     parser.add_argument("--repeats", type=int, default=3, help="rounds; the median counts")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="the model in channels_last layout, in both loops")  # fmt: skip
+    parser.add_argument("--cudnn-benchmark", action="store_true",
+                        help="torch.backends.cudnn.benchmark = True for both loops")  # fmt: skip
     parser.add_argument("--json", type=Path, help="write the results to this file")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -170,6 +182,7 @@ def main() -> None:
     if args.precision != "fp32" and not gpu:
         parser.error(f"--precision {args.precision} needs --device cuda")
 
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     data = synthetic_data(args, device)
     rounds = {"bare": [], "utils_cv": []}
     for round_ in range(args.repeats):

@@ -65,6 +65,23 @@ def test_train_speed_times_both_loops(tmp_path):
     assert result["ratio"] == pytest.approx(expected, abs=2 / speeds["bare"])
     assert result["meets_target"] == (result["ratio"] >= result["target"])
     assert result["config"]["precision"] == "fp32"  # the CPU default
+    assert not result["config"]["channels_last"] and not result["config"]["cudnn_benchmark"]
+
+
+def test_train_speed_puts_both_loops_models_in_channels_last_when_asked():
+    train_speed = load_script("train_speed.py")
+    torch = train_speed.torch
+    args = train_speed.argparse.Namespace(
+        backbone="small_cnn", embedding_size=16, classes=8, channels_last=True
+    )
+    for channels_last in (True, False):
+        args.channels_last = channels_last
+        model, _ = train_speed.new_model_and_loss(args, torch.device("cpu"))
+        convs = [p for p in model.parameters() if p.dim() == 4]
+        layout = torch.channels_last if channels_last else torch.contiguous_format
+        assert convs and all(w.is_contiguous(memory_format=layout) for w in convs)
+        # the first convolution (3 input channels, 3 x 3) is in one layout only
+        assert convs[0].is_contiguous() != channels_last
 
 
 def test_binary_search_times_every_method(tmp_path):
