@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from utils_cv.common.results import seed_table
+from utils_cv.common.results import markdown_table, seed_table
 from utils_cv.similarity import claims, compare, record_files
 from utils_cv.similarity.presets import IMAGENET, SCRATCH
 
@@ -26,13 +26,6 @@ SETTINGS = (SCRATCH, IMAGENET)
 METHOD_COLUMNS = ["recall@1", "map@r", "nmi", "mean_test_distance", "seconds/epoch"]
 ABLATION_COLUMNS = ["recall@1", "map@r", "best val recall@1", "seconds/epoch"]
 MARK = " †"  # docs/results.md: a row made on the second machine
-
-
-def markdown(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
-    """A GitHub table, one line per row, cells as given."""
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def _by_setting(records: Sequence[Mapping[str, Any]], methods, columns) -> str:
@@ -47,7 +40,7 @@ def _by_setting(records: Sequence[Mapping[str, Any]], methods, columns) -> str:
         return table.loc[name, column] if name in table.index else "—"
 
     cells = [[name, *(cell(name, s, c) for s in SETTINGS for c in columns)] for name in names]
-    return markdown(header, cells)
+    return markdown_table(header, cells)
 
 
 def tables(records: Sequence[Mapping[str, Any]]) -> dict[str, str]:
@@ -59,10 +52,10 @@ def tables(records: Sequence[Mapping[str, Any]]) -> dict[str, str]:
     return {
         "methods": _by_setting(records, compare.METHODS, METHOD_COLUMNS),
         "ablations": _by_setting(records, compare.ABLATIONS, ABLATION_COLUMNS),
-        "claims": markdown(
+        "claims": markdown_table(
             ["claim", *columns], ([c, *row[columns]] for c, row in claim_table.iterrows())
         ),
-        "verdicts": markdown(
+        "verdicts": markdown_table(
             ["claim", SCRATCH, IMAGENET], ([c, *row[verdicts]] for c, row in claim_table.iterrows())
         ),
     }

@@ -28,7 +28,7 @@ def test_the_table_has_one_row_per_notebook_with_time_and_key_numbers(tmp_path):
     assert rows == [
         "| 00_quickstart | cpu | 0 | 3 min 03 s | softmax recall@1 0.232; epochs 40 |",
         "| 01_triplet_baseline | smoke | 0, 1 | not measured | (the notebook records no summary) |",
-        "| 02_proxy_nca | | | not measured | did not finish: no metrics.json |",
+        "| 02_proxy_nca |  |  | not measured | did not finish: no metrics.json |",
     ]
     assert "benchmarks" not in text
 

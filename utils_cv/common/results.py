@@ -12,7 +12,7 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -245,3 +245,19 @@ def seed_table(
         cells[f"{per_seed} by seed"] = " / ".join(f"{v:.{digits}f}" for v in by_seed)
         rows[name] = cells
     return pd.DataFrame.from_dict(rows, orient="index")
+
+
+def markdown_table(header: Sequence[Any], rows: Iterable[Sequence[Any]]) -> str:
+    """A GitHub Markdown table, one line per row, each cell as ``str`` gives it (no escaping:
+    a cell must not hold "|"), without a final newline.
+
+    >>> print(markdown_table(["method", "recall@1"], [["softmax", 0.31]]))
+    | method | recall@1 |
+    |---|---|
+    | softmax | 0.31 |
+    """
+
+    def line(cells: Sequence[Any]) -> str:
+        return "| " + " | ".join(map(str, cells)) + " |"
+
+    return "\n".join([line(header), "|" + "---|" * len(header), *map(line, rows)])

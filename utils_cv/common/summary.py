@@ -16,7 +16,7 @@ import os
 import re
 from pathlib import Path
 
-from utils_cv.common.results import METRICS_FILE, load_metrics
+from utils_cv.common.results import METRICS_FILE, load_metrics, markdown_table
 
 SUMMARY_FILE = "summary.md"
 WALL_SECONDS_FILE = "wall_seconds"
@@ -53,32 +53,30 @@ def write_summary(outputs_dir: str | os.PathLike) -> Path:
     outputs_dir = Path(outputs_dir)
     if not outputs_dir.is_dir():
         raise FileNotFoundError(f"{outputs_dir} does not exist; run the notebooks first (make run)")
+    folders = sorted(
+        p for p in outputs_dir.iterdir() if p.is_dir() and _NOTEBOOK_DIR.fullmatch(p.name)
+    )
+    rows = []
+    for folder in folders:
+        if not (folder / METRICS_FILE).exists():
+            rows.append(
+                [folder.name, "", "", _wall_time(folder), f"did not finish: no {METRICS_FILE}"]
+            )
+            continue
+        metrics = load_metrics(folder)
+        seeds = ", ".join(str(seed) for seed in metrics.get("seeds", []))
+        rows.append([folder.name, metrics.get("preset", "?"), seeds, _wall_time(folder),
+                     _key_numbers(metrics.get("summary", {}))])  # fmt: skip
+    if not folders:
+        rows.append(["(no notebook outputs found)", "", "", "", ""])
     lines = [
         "# Results of `make run`",
         "",
         "Each notebook's key numbers from its `metrics.json`, and the wall time of the whole",
         "notebook (kernel start, data, training, evaluation and plots).",
         "",
-        "| notebook | preset | seeds | wall time | key numbers |",
-        "|---|---|---|---|---|",
+        markdown_table(["notebook", "preset", "seeds", "wall time", "key numbers"], rows),
     ]
-    folders = sorted(
-        p for p in outputs_dir.iterdir() if p.is_dir() and _NOTEBOOK_DIR.fullmatch(p.name)
-    )
-    for folder in folders:
-        if not (folder / METRICS_FILE).exists():
-            lines.append(
-                f"| {folder.name} | | | {_wall_time(folder)} | did not finish: no {METRICS_FILE} |"
-            )
-            continue
-        metrics = load_metrics(folder)
-        seeds = ", ".join(str(seed) for seed in metrics.get("seeds", []))
-        lines.append(
-            f"| {folder.name} | {metrics.get('preset', '?')} | {seeds} | {_wall_time(folder)} | "
-            f"{_key_numbers(metrics.get('summary', {}))} |"
-        )
-    if not folders:
-        lines.append("| (no notebook outputs found) | | | | |")
     path = outputs_dir / SUMMARY_FILE
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path

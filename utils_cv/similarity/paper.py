@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from utils_cv.common.results import rounded, write_atomic
+from utils_cv.common.results import markdown_table, rounded, write_atomic
 from utils_cv.similarity import compare, record_files
 from utils_cv.similarity.backbones import BACKBONES
 from utils_cv.similarity.binary import binarize
@@ -397,17 +397,19 @@ def write_comparison(out: str | os.PathLike, record: dict[str, Any], spec: dict[
     key = (row["recipe"], row["dataset"], row["seed"])
     rows = [r for r in rows if (r["recipe"], r["dataset"], r["seed"]) != key] + [row]
     write_atomic(table, rows)
-    lines = ["| recipe | dataset | seed | evaluation | ours R@1 | paper R@1 | difference | "
-             "overrides |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    header = ["recipe", "dataset", "seed", "evaluation", "ours R@1", "paper R@1", "difference",
+              "overrides"]  # fmt: skip
+    cells = []
     for r in rows:
         changed = ", ".join(f"{k} {v}" for k, v in r["overrides"].items()) or "none"
-        cells = [r["recipe"], r["dataset"], r["seed"], r["evaluation"], r["ours_recall@1"],
-                 "-" if r["paper_recall@1"] is None else r["paper_recall@1"],
-                 "-" if r["difference"] is None else f"{r['difference']:+.1f}", changed]  # fmt: skip
-        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+        cells.append([r["recipe"], r["dataset"], r["seed"], r["evaluation"], r["ours_recall@1"],
+                      "-" if r["paper_recall@1"] is None else r["paper_recall@1"],
+                      "-" if r["difference"] is None else f"{r['difference']:+.1f}", changed])  # fmt: skip
     note = ("\nRecall@1 in percent. A row with overrides ran another setup than the paper's: "
             "its difference compares nothing.\n")  # fmt: skip
-    (out / "comparison.md").write_text("\n".join(lines) + "\n" + note, encoding="utf-8")
+    (out / "comparison.md").write_text(
+        markdown_table(header, cells) + "\n" + note, encoding="utf-8"
+    )
     return row
 
 
