@@ -106,6 +106,11 @@ def test_the_claims_table_computes_each_verdict_from_the_records():
     assert row[2] == claims.REPRODUCED
     assert row[3] == claims.NOT_REPRODUCED  # ProxyNCA behind the best triplet (batch-hard)
     assert "batch_hard" in table[f"{SCRATCH}: ours"].iloc[2]  # compared with the best one
+    # the difference beside the threshold it had to pass, as verdict() computed them
+    runs = claims._by_method(made_up(SCRATCH), SCRATCH)
+    diff, threshold, _ = claims.verdict(*(claims._values(runs[m], claims._recall)
+                                          for m in ("proxy_nca", "batch_hard")), floor=0.01)  # fmt: skip
+    assert table[f"{SCRATCH}: ours"].iloc[2].endswith(f"({diff:+.3f} against {threshold:.3f})")
     assert row[7] == claims.REPRODUCED
     assert row[14] == claims.CANNOT_TELL  # EE vs multi-similarity: inside the spread
     assert row[15] == claims.REPRODUCED  # selection ratio 0.8 -> 0.5

@@ -92,6 +92,12 @@ def epochs_to(run: Mapping, share: float = 0.9) -> int:
     return next(i + 1 for i, s in enumerate(scores) if s >= share * best)
 
 
+def _margin(diff: float, threshold: float) -> str:
+    """The difference beside the threshold it must pass, so that a reader sees how close a
+    verdict was: "+0.014 against 0.013"."""
+    return f"{diff:+.3f} against {threshold:.3f}"
+
+
 def _best(runs: Mapping[str, Sequence[Mapping]], names: Sequence[str]) -> str:
     """The method among ``names`` with the best mean validation Recall@1 (test unused)."""
     absent = [n for n in names if n not in runs]
@@ -106,8 +112,11 @@ def _beats(a: str, b: Sequence[str] | str, matches: bool = False):
     def judge(runs):
         other = _best(runs, [b] if isinstance(b, str) else b)
         ra, rb = _values(runs[a], _recall), _values(runs[other], _recall)
-        diff, _, outcome = verdict(ra, rb, floor=0.01, matches=matches)
-        return f"{a} {_mean_std(ra)} vs {other} {_mean_std(rb)} ({diff:+.3f})", outcome
+        diff, threshold, outcome = verdict(ra, rb, floor=0.01, matches=matches)
+        return (
+            f"{a} {_mean_std(ra)} vs {other} {_mean_std(rb)} ({_margin(diff, threshold)})",
+            outcome,
+        )
 
     return judge
 
@@ -202,8 +211,11 @@ def _ee_pair(runs):
 def _claim_ee(setting_name, runs):
     base, base_runs, ee_runs = _ee_pair(runs)
     ra, rb = _values(ee_runs, _recall), _values(base_runs, _recall)
-    diff, _, outcome = verdict(ra, rb, floor=0.01)
-    return f"on {base}: {_mean_std(rb)} → {_mean_std(ra)} ({diff:+.3f}; one base)", outcome
+    diff, threshold, outcome = verdict(ra, rb, floor=0.01)
+    return (
+        f"on {base}: {_mean_std(rb)} → {_mean_std(ra)} ({_margin(diff, threshold)}; one base)",
+        outcome,
+    )
 
 
 def _claim_selection(setting_name, runs):
