@@ -284,7 +284,7 @@ _BINARIZATION = {
               "search_queries": 50, "pretrained_sizes": [16]},
     # Four trainings of about a minute on 2 slow cores; 256 is small_cnn's channel count, where
     # the code is the sign right after LayerNorm (no remap layer).
-    # pretrained_sizes: the first seed from ImageNet weights, about 2 min 20 s each; 1280 is
+    # pretrained_sizes: from ImageNet weights on every seed, about 2 min 20 s each; 1280 is
     # EfficientNet-Lite0's channel count (sign right after LayerNorm).
     "cpu": {"embedding_sizes": [32, 128, 256, 1024], "search_bits": [512, 2048],
             "search_references": 60_502, "search_queries": 500, "pretrained_sizes": [32, 1280]},
