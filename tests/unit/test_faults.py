@@ -221,7 +221,7 @@ def test_a_notebook_killed_during_make_run_leaves_no_stale_metrics(tmp_path):
     assert (outputs / "00_first" / "wall_seconds").exists()
     assert sorted(p.name for p in (outputs / "01_killed").iterdir()) == []
     summary = (outputs / "summary.md").read_text()
-    assert "| 01_killed | | | not measured | did not finish: no metrics.json |" in summary
+    assert "| 01_killed |  |  | not measured | did not finish: no metrics.json |" in summary
     assert "stale" not in summary
 
 
