@@ -68,6 +68,7 @@ def main() -> None:
                 "efficientnet_lite0",
                 args.embedding_size,
                 layer_norm=args.loss == "norm_softmax",
+                normalize=args.loss != "softmax",  # a softmax classifier, as in the notebooks
                 weights="imagenet",
                 frozen_stages=config["frozen_stages"],
             )
